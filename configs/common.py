@@ -1,0 +1,46 @@
+"""Fields shared by every experiment family: shapes, parameterization, optimizer, training."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def shape(width: int, expert_width: int, num_experts: int, top_k: int, depth: int = 1):
+    """A shape block (the five size knobs)."""
+    return ml_collections.ConfigDict(dict(width=width, expert_width=expert_width,
+                                          num_experts=num_experts, top_k=top_k, depth=depth))
+
+
+def regime_shape(base: tuple[int, int, int, int], regime: str, scale: int, depth: int = 1):
+    """The shape at `scale` x the base width inside `regime`: I grows N_e, II grows M and K,
+    III grows both (K/M fixed throughout)."""
+    n, ne, m, k = base
+    grow_ne, grow_m = regime in ("I", "III"), regime in ("II", "III")
+    return shape(n * scale, ne * scale if grow_ne else ne, m * scale if grow_m else m,
+                 k * scale if grow_m else k, depth)
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """'regime=II,scale=4' -> {'regime': 'II', 'scale': '4'} (big_vision-style config args)."""
+    return dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+
+
+def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II",
+                optimizer: str = "adam", learning_rate: float = 1e-2):
+    """The fields every config has; families add the model and data fields."""
+    c = ml_collections.ConfigDict()
+    c.base_shape = base_shape
+    c.shape = ml_collections.ConfigDict(base_shape.to_dict())
+    c.parameterization = parameterization  # a preset name (mssp_jax.presets.PRESETS) or a table
+    c.regime = regime  # 'I' | 'II' | 'III' | 'auto' (inferred from which ratios differ from 1)
+    c.depth_scaling = ""  # '' (the preset's default) | 'none' | 'depth_mup' | 'completep'
+    c.renormalize_gates = False
+    c.dispatch = "auto"
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name=optimizer, learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
+        weight_decay=0.0, grad_clip=0.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.1))
+    c.seed = 0
+    c.steps = 500
+    c.batch_size = 32
+    c.quick = False  # a reduced variant for tests (families shrink their grids when set)
+    return c

@@ -1,0 +1,31 @@
+"""Transformer-MoE language model on the embedded Shakespeare corpus (byte level).
+
+The default is the main job of `python run.py`: small enough to train in minutes on 2 CPU cores.
+Variants: --config configs/transformer_moe.py:regime=III,scale=2.
+"""
+
+from __future__ import annotations
+
+from configs import common
+
+BASE = {"I": (64, 64, 4, 2), "II": (64, 16, 4, 2), "III": (64, 64, 4, 2)}
+
+
+def get_config(arg: str | None = None):
+    args = common.parse_arg(arg)
+    regime, scale, depth = args.get("regime", "III"), int(args.get("scale", "1")), 2
+    c = common.base_config(common.shape(*BASE[regime], depth), regime=regime, learning_rate=1e-2)
+    c.shape = common.regime_shape(BASE[regime], regime, scale, depth)
+    c.model = "transformer_moe"
+    c.vocab_size = 256  # bytes
+    c.seq_len = 64
+    c.head_dim = 16
+    c.moe_every = 1
+    c.ffn_width = 0  # dense FFN width in non-MoE blocks (0 = 4 N)
+    c.aux_loss_weight = 0.01
+    c.optimizer.b2 = 0.95
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.grad_clip = 1.0
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 30
+    return c

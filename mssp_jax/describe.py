@@ -1,0 +1,53 @@
+"""`describe`: one row per parameter with its role and its resolved scaling numbers.
+
+Keys relied on by users and tests: path, role, shape, init_std, multiplier, lr_scale, eps_scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from mssp_jax.params import fan_in, param_state
+from mssp_jax.scaling import Scaling
+
+
+def describe(model: Any, scaling: Scaling) -> list[dict[str, Any]]:
+    """Rows for every Param of `model` (an nnx.Module or its Param state), in path order."""
+    rows = []
+    flat = jax.tree_util.tree_flatten_with_path(
+        param_state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    for path, var in flat:
+        meta = var.get_metadata()
+        role, axes, shape = meta.get("role"), meta.get("out_sharding"), tuple(var.shape)
+        init, fan = scaling.std_rule(role), fan_in(shape, axes or (None,) * len(shape))
+        rows.append({
+            "path": "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path),
+            "role": role,
+            "shape": list(shape),
+            "axes": list(axes) if axes else None,
+            "fan_in": fan,
+            "init": init if init in ("zero", "one") else
+            ("shared_normal" if scaling.shared_expert_init and axes and "expert" in axes else "normal"),
+            "init_std": scaling.init_std(role, fan),
+            "multiplier": scaling.multiplier(role),
+            "lr_scale": scaling.lr_scale(role),
+            "eps_scale": scaling.eps_scale(role),
+        })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], scaling: Scaling) -> str:
+    """A readable table of `describe` rows, headed by the resolved setting."""
+    s, b = scaling.shape, scaling.base
+    head = (f"parameterization={scaling.name} regime={scaling.regime} optimizer={scaling.optimizer} "
+            f"depth={scaling.depth} gate_scale={scaling.gate_scale:g}\n"
+            f"shape N={s.N} Ne={s.Ne} M={s.M} K={s.K} L={s.L}   "
+            f"base N={b.N} Ne={b.Ne} M={b.M} K={b.K} L={b.L}")
+    cols = ("path", "role", "shape", "init", "init_std", "multiplier", "lr_scale", "eps_scale")
+    cells = [[str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.6g}" for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, cells)])

@@ -1,0 +1,107 @@
+"""From an ml_collections config to a Scaling, a model and an optimizer, validated before compute.
+
+Config layout (see configs/*.py): ``model`` ('mlp_moe' | 'transformer_moe'), ``shape`` and
+``base_shape`` (width, expert_width, num_experts, top_k, depth), ``parameterization`` (preset name
+or a table), ``regime``, ``depth_scaling``, ``optimizer`` (name, learning_rate, ...), and the model
+fields (input_dim/num_classes or vocab_size/head_dim/moe_every/ffn_width, renormalize_gates,
+dispatch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+from flax import nnx
+
+from mssp_jax import optim
+from mssp_jax.models import MLPMoE, TransformerMoE
+from mssp_jax.scaling import ConfigError, Scaling, Shape, make_scaling
+
+MODELS = ("mlp_moe", "transformer_moe")
+SHAPE_FIELDS = {"width": "N", "expert_width": "Ne", "num_experts": "M", "top_k": "K", "depth": "L"}
+
+
+def shape_from_config(fields: Any, name: str) -> Shape:
+    """Reads a Shape from a ConfigDict with the SHAPE_FIELDS names; errors name the field."""
+    missing = [f for f in SHAPE_FIELDS if f not in fields]
+    if missing:
+        raise ConfigError(f"{name} is missing {missing}; it needs {list(SHAPE_FIELDS)}")
+    for f in SHAPE_FIELDS:
+        value = fields[f]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}.{f} must be a positive integer, got {value!r}")
+    shape = Shape(**{sym: int(fields[f]) for f, sym in SHAPE_FIELDS.items()})
+    if shape.K > shape.M:
+        raise ConfigError(f"{name}.top_k ({shape.K}) must be <= {name}.num_experts ({shape.M}); "
+                          f"allowed: 1..{shape.M}")
+    return shape
+
+
+def _table(parameterization: Any) -> Any:
+    return parameterization.to_dict() if hasattr(parameterization, "to_dict") else parameterization
+
+
+def scaling_from_config(config: Any) -> Scaling:
+    """The resolved parameterization of `config` (raises ConfigError naming the field)."""
+    base = shape_from_config(config.base_shape, "base_shape")
+    shape = shape_from_config(config.shape, "shape")
+    return make_scaling(_table(config.parameterization), base, shape, regime=config.regime,
+                        optimizer=config.optimizer.name, depth=config.get("depth_scaling", ""))
+
+
+def validate(config: Any) -> Scaling:
+    """Everything checkable before any compute; returns the Scaling."""
+    if config.model not in MODELS:
+        raise ConfigError(f"model must be one of {list(MODELS)}, got {config.model!r}")
+    scaling = scaling_from_config(config)
+    if config.model == "transformer_moe":
+        head_dim, width = config.head_dim, scaling.shape.N
+        if head_dim <= 0 or width % head_dim:
+            raise ConfigError(f"shape.width ({width}) must be divisible by head_dim ({head_dim})")
+    if config.get("dispatch", "auto") not in ("auto", "dense", "sorted", "capacity", "ragged"):
+        raise ConfigError("dispatch must be one of ['auto', 'dense', 'sorted', 'capacity', "
+                          f"'ragged'], got {config.dispatch!r}")
+    return scaling
+
+
+def build_model(config: Any, rngs: nnx.Rngs, scaling: Scaling | None = None) -> nnx.Module:
+    """The model named by `config.model`, initialised by `scaling` (default: from config)."""
+    scaling = scaling or validate(config)
+    common = dict(rngs=rngs, renormalize=config.get("renormalize_gates", False),
+                  dispatch=config.get("dispatch", "auto"))
+    if config.model == "mlp_moe":
+        return MLPMoE(config.input_dim, config.num_classes, scaling, **common)
+    return TransformerMoE(config.vocab_size, scaling, head_dim=config.head_dim,
+                          moe_every=config.get("moe_every", 1), ffn_width=config.get("ffn_width", 0),
+                          **common)
+
+
+def build_schedule(config: Any) -> optax.Schedule:
+    """Base-LR schedule: 'constant', or linear warmup then 'cosine' / 'linear' decay."""
+    opt = config.optimizer
+    lr, warmup, steps = opt.learning_rate, opt.get("warmup_steps", 0), config.get("steps", 1)
+    kind = opt.get("schedule", "constant")
+    if kind == "constant":
+        return optax.constant_schedule(lr) if not warmup else optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    end = lr * opt.get("final_lr_ratio", 0.1)
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), end)
+    if kind == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
+                                     optax.linear_schedule(lr, end, max(steps - warmup, 1))],
+                                    [max(warmup, 1)])
+    raise ConfigError(f"optimizer.schedule must be one of ['constant', 'cosine', 'linear'], "
+                      f"got {kind!r}")
+
+
+def build_optimizer(config: Any, scaling: Scaling, model: Any) -> optax.GradientTransformation:
+    """Gradient clipping (if set) followed by our per-role Adam/SGD chain."""
+    opt = config.optimizer
+    tx = optim.make_optimizer(scaling, model, build_schedule(config), b1=opt.get("b1", 0.9),
+                              b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8),
+                              momentum=opt.get("momentum", 0.0),
+                              weight_decay=opt.get("weight_decay", 0.0))
+    clip = opt.get("grad_clip", 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx

@@ -1,0 +1,150 @@
+"""The paper's two models, built from role-labelled parameters.
+
+* `MLPMoE`: h = phi(W_in x); h_agg = MoE(h); f = W_out^T h_agg   (phi = GELU, no biases).
+* `TransformerMoE`: decoder-only, pre-RMSNorm, QK-norm, RoPE, causal attention, an MoE FFN every
+  `moe_every`-th block (dense FFN in the others), untied lm_head.
+Both return ``(output, routings)`` where `routings` is a list with one `moe.Routing` per MoE layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mssp_jax.moe import MoE, Routing
+from mssp_jax.params import labelled_param
+from mssp_jax.scaling import ConfigError, Scaling
+
+
+class Linear(nnx.Module):
+    """y = x @ (mult * W), with W labelled by `role`."""
+
+    def __init__(self, fan_in: int, fan_out: int, role: str, axes: tuple[str, str],
+                 scaling: Scaling, *, rngs: nnx.Rngs):
+        self.kernel = labelled_param(rngs, scaling, role, (fan_in, fan_out), axes)
+        self.mult = scaling.multiplier(role)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ (self.mult * self.kernel[...])
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned gain (role `norm`)."""
+
+    def __init__(self, dim: int, scaling: Scaling, axis_name: str, *, rngs: nnx.Rngs,
+                 eps: float = 1e-6):
+        self.scale = labelled_param(rngs, scaling, "norm", (dim,), (axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return x / rms * self.scale[...]
+
+
+class MLPMoE(nnx.Module):
+    """The paper's MLP-MoE: W_in -> router + experts -> W_out."""
+
+    def __init__(self, input_dim: int, output_dim: int, scaling: Scaling, *, rngs: nnx.Rngs,
+                 renormalize: bool = False, dispatch: str = "auto"):
+        s = scaling.shape
+        self.w_in = Linear(input_dim, s.N, "input", ("input", "embed"), scaling, rngs=rngs)
+        self.moe = MoE(s.N, s.Ne, s.M, s.K, scaling, rngs=rngs, renormalize=renormalize,
+                       dispatch=dispatch)
+        self.w_out = Linear(s.N, output_dim, "readout", ("embed", "classes"), scaling, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, list[Routing]]:
+        h = jax.nn.gelu(self.w_in(x))
+        h_agg, routing = self.moe(h)
+        return self.w_out(h_agg), [routing]
+
+
+def rope(x: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding over the last axis of x [B, T, H, D]."""
+    seq, dim = x.shape[1], x.shape[-1]
+    freqs = base ** (-jnp.arange(0, dim // 2, dtype=jnp.float32) / (dim // 2))
+    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]  # [T, D/2]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with QK-RMSNorm and RoPE; head_dim fixed across widths."""
+
+    def __init__(self, width: int, head_dim: int, scaling: Scaling, *, rngs: nnx.Rngs):
+        if head_dim <= 0 or width % head_dim:
+            raise ConfigError(f"width (N={width}) must be divisible by head_dim ({head_dim}); "
+                              f"allowed head_dim: divisors of {width}")
+        self.num_heads, self.head_dim = width // head_dim, head_dim
+        self.q, self.k, self.v = (Linear(width, width, "attn_qkv", ("embed", "heads"), scaling,
+                                         rngs=rngs) for _ in range(3))
+        self.q_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs)
+        self.k_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs)
+        self.out = Linear(width, width, "attn_out", ("heads", "embed"), scaling, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
+        q = rope(self.q_norm(split(self.q(x))))
+        k = rope(self.k_norm(split(self.k(x))))
+        y = jax.nn.dot_product_attention(q, k, split(self.v(x)), is_causal=True)
+        return self.out(y.reshape(b, t, -1))
+
+
+class DenseFFN(nnx.Module):
+    """The dense FFN used in blocks without MoE: W_down phi(W_up x)."""
+
+    def __init__(self, width: int, hidden: int, scaling: Scaling, *, rngs: nnx.Rngs):
+        self.up = Linear(width, hidden, "mlp_up", ("embed", "mlp"), scaling, rngs=rngs)
+        self.down = Linear(hidden, width, "mlp_down", ("mlp", "embed"), scaling, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        return self.down(jax.nn.gelu(self.up(x))), None
+
+
+class Block(nnx.Module):
+    """x += Attn(norm x); x += FFN(norm x), FFN being the MoE layer or a dense FFN."""
+
+    def __init__(self, scaling: Scaling, head_dim: int, use_moe: bool, ffn_width: int, *,
+                 rngs: nnx.Rngs, renormalize: bool = False, dispatch: str = "auto"):
+        s = scaling.shape
+        self.attn_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
+        self.attn = Attention(s.N, head_dim, scaling, rngs=rngs)
+        self.ffn_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
+        self.ffn = (MoE(s.N, s.Ne, s.M, s.K, scaling, rngs=rngs, renormalize=renormalize,
+                        dispatch=dispatch) if use_moe else DenseFFN(s.N, ffn_width, scaling, rngs=rngs))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing | None]:
+        x = x + self.attn(self.attn_norm(x))
+        y, routing = self.ffn(self.ffn_norm(x))
+        return x + y, routing
+
+
+class TransformerMoE(nnx.Module):
+    """Decoder-only Transformer-MoE with `scaling.shape.L` blocks and an untied lm_head."""
+
+    def __init__(self, vocab_size: int, scaling: Scaling, *, rngs: nnx.Rngs, head_dim: int = 64,
+                 moe_every: int = 1, ffn_width: int = 0, renormalize: bool = False,
+                 dispatch: str = "auto"):
+        s = scaling.shape
+        if moe_every < 1:
+            raise ConfigError(f"moe_every must be >= 1 (1 = MoE in every block), got {moe_every}")
+        self.embed = labelled_param(rngs, scaling, "embedding", (vocab_size, s.N), ("vocab", "embed"))
+        self.embed_mult = scaling.multiplier("embedding")
+        self.blocks = nnx.List([
+            Block(scaling, head_dim, (i + 1) % moe_every == 0, ffn_width or 4 * s.N, rngs=rngs,
+                  renormalize=renormalize, dispatch=dispatch)
+            for i in range(s.L)
+        ])
+        self.final_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
+        self.lm_head = Linear(s.N, vocab_size, "readout", ("embed", "vocab"), scaling, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[Routing]]:
+        x = self.embed_mult * jnp.take(self.embed[...], tokens, axis=0)
+        routings = []
+        for block in self.blocks:
+            x, routing = block(x)
+            if routing is not None:
+                routings.append(routing)
+        return self.lm_head(self.final_norm(x)), routings

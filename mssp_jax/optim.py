@@ -1,0 +1,95 @@
+"""Optax transformations that apply a parameterization's per-role LR and Adam-eps rules.
+
+The labels are read once, from the parameters' ``role`` metadata (`params.role_labels`), when the
+transformation is built; the per-leaf multipliers are then plain float trees, so every piece is a
+standard `optax.GradientTransformation` that composes inside `optax.chain`, schedules and
+`optax.inject_hyperparams`.
+
+Weight decay is decoupled and applied *after* the per-role LR multiplier, so the effective decay
+``lr * wd`` is the same for every group and width (as the reference's ``wd / lr_scale`` groups).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from mssp_jax.params import param_state, role_labels
+from mssp_jax.scaling import Scaling
+
+
+def _labels(params_or_labels: Any) -> Any:
+    """Accepts a module, an nnx.State of Params, or an already computed tree of role strings."""
+    leaves = jax.tree.leaves(params_or_labels)
+    if leaves and all(isinstance(x, str) for x in leaves):
+        return params_or_labels
+    return role_labels(params_or_labels)
+
+
+def lr_multipliers(scaling: Scaling, params: Any) -> Any:
+    """Per-leaf factor on the base LR: the role's `lr_scale` (1 at the base shape)."""
+    return jax.tree.map(scaling.lr_scale, _labels(params))
+
+
+def eps_multipliers(scaling: Scaling, params: Any) -> Any:
+    """Per-leaf factor on the base Adam epsilon: the role's `eps_scale`."""
+    return jax.tree.map(scaling.eps_scale, _labels(params))
+
+
+def scale_by_tree(factors: Any) -> optax.GradientTransformation:
+    """Stateless per-leaf multiply: the cheapest way to give each leaf its own LR."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def scale_by_role_adam(scaling: Scaling, params: Any, b1: float = 0.9, b2: float = 0.999,
+                       eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam whose epsilon is ``eps * eps_scale(role)``: one `optax.scale_by_adam` per role."""
+    labels = _labels(params)
+    roles = sorted(set(jax.tree.leaves(labels)))
+    return optax.partition(
+        {role: optax.scale_by_adam(b1=b1, b2=b2, eps=eps * scaling.eps_scale(role)) for role in roles},
+        labels)
+
+
+def decay_mask(params: Any) -> Any:
+    """Decay matrices (ndim >= 2), not norm gains or biases."""
+    return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+
+def adamw(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """The full Adam(W) chain: per-role eps, per-role LR, decoupled decay, base LR."""
+    return optax.chain(
+        scale_by_role_adam(scaling, params, b1=b1, b2=b2, eps=eps),
+        scale_by_tree(lr_multipliers(scaling, params)),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def sgd(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
+        momentum: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """SGD (optionally with heavy-ball momentum) with per-role LR and decoupled decay."""
+    return optax.chain(
+        optax.trace(decay=momentum) if momentum else optax.identity(),
+        scale_by_tree(lr_multipliers(scaling, params)),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def make_optimizer(scaling: Scaling, params: Any, learning_rate: optax.ScalarOrSchedule, *,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum: float = 0.0,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """`adamw` or `sgd`, as `scaling.optimizer` says (the LR and eps rules depend on it)."""
+    if scaling.optimizer == "adam":
+        return adamw(learning_rate, scaling, params, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return sgd(learning_rate, scaling, params, momentum=momentum, weight_decay=weight_decay)

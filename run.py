@@ -1,0 +1,59 @@
+"""mssp_jax command line: python run.py <mode> --config configs/<file>.py [--config.<field>=<value>].
+
+Modes: train (the default: `python run.py` runs the main job), eval, describe, sweep, coord_check.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+MODES = ("train", "eval", "describe", "sweep", "coord_check")
+DEFAULT_CONFIG = "configs/transformer_moe.py"
+DEFAULT_WORKDIR = "runs/default"
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Where outputs are written.")
+_JSON = flags.DEFINE_bool("json", False, "describe: print JSON instead of a table.")
+
+
+def describe_main(config) -> None:
+    from flax import nnx
+
+    from mssp_jax import describe, factory
+
+    scaling = factory.validate(config)
+    model = nnx.eval_shape(lambda: factory.build_model(config, nnx.Rngs(0), scaling))
+    rows = describe.describe(model, scaling)
+    print(json.dumps(rows, indent=1) if _JSON.value else describe.format_table(rows, scaling))
+
+
+def main(argv: list[str]) -> int:
+    mode = argv[1] if len(argv) > 1 else "train"
+    if mode not in MODES or len(argv) > 2:
+        raise app.UsageError(f"usage: run.py [{'|'.join(MODES)}] --config <file> ...; got {argv[1:]}")
+    config = _CONFIG.value
+    from mssp_jax.scaling import ConfigError
+
+    try:
+        if mode == "describe":
+            describe_main(config)
+            return 0
+        if mode in ("train", "eval"):
+            from mssp_jax import train
+
+            return train.main(mode, config, _WORKDIR.value)
+        from experiments import coord_check, sweep
+
+        return (sweep if mode == "sweep" else coord_check).main(config, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    app.run(main)
