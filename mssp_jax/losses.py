@@ -1,0 +1,53 @@
+"""Training objectives: MSE / cross-entropy for the MLP-MoE, next-token CE for the Transformer-MoE.
+
+`loss_fn(model, batch, config)` returns ``(loss, metrics)``; the loss includes the load-balancing
+term (``aux_loss_weight`` x mean Switch loss over MoE layers) when the config sets a weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mssp_jax.moe import Routing
+
+
+def router_metrics(routings: list[Routing]) -> dict[str, jax.Array]:
+    """Mean over MoE layers: Switch loss, per-expert load (max / min), gate entropy."""
+    load = jnp.stack([r.load for r in routings])  # [layers, M]
+    probs = jnp.stack([jnp.mean(jax.nn.softmax(r.logits, -1), 0) for r in routings])
+    return {
+        "aux_loss": jnp.mean(jnp.stack([r.aux_loss for r in routings])),
+        "load_max": jnp.mean(jnp.max(load, -1)),
+        "load_min": jnp.mean(jnp.min(load, -1)),
+        "router_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-12), -1)),
+        "max_gate": jnp.mean(jnp.stack([jnp.max(r.weights) for r in routings])),
+    }
+
+
+def task_loss(outputs: jax.Array, targets: jax.Array, kind: str) -> jax.Array:
+    """'mse' against one-hot targets (scalar +-1 targets when outputs have one column) or 'cross_entropy'."""
+    if kind == "cross_entropy":
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, targets))
+    if kind == "mse":
+        if outputs.shape[-1] == 1:
+            return jnp.mean(jnp.square(outputs[..., 0] - targets))
+        onehot = jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
+        return jnp.mean(jnp.sum(jnp.square(outputs - onehot), axis=-1))
+    raise ValueError(f"loss must be one of ['mse', 'cross_entropy'], got {kind!r}")
+
+
+def loss_fn(model: Any, batch: dict[str, jax.Array], config: Any) -> tuple[jax.Array, dict]:
+    """The objective of `config.model` on `batch` ({'inputs', 'targets'})."""
+    outputs, routings = model(batch["inputs"])
+    if config.model == "transformer_moe":
+        loss = task_loss(outputs, batch["targets"], "cross_entropy")
+    else:
+        loss = task_loss(outputs, batch["targets"], config.get("loss", "mse"))
+    metrics = {"task_loss": loss, **router_metrics(routings)}
+    weight = config.get("aux_loss_weight", 0.0)
+    total = loss + weight * metrics["aux_loss"] if weight else loss
+    return total, metrics
