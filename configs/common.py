@@ -43,4 +43,10 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.steps = 500
     c.batch_size = 32
     c.quick = False  # a reduced variant for tests (families shrink their grids when set)
+    # Device mesh (mssp_jax/sharding.py, docs/SCALING_OUT.md): axis sizes, -1 = remaining devices;
+    # capacity_factor: expert-parallel buffer rows per expert (0 = dropless).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1, capacity_factor=0.0))
+    # Multi-host: jax.distributed.initialize() first; empty fields are auto-detected.
+    c.distributed = ml_collections.ConfigDict(dict(initialize=False, coordinator_address="",
+                                                   num_processes=0, process_id=-1))
     return c
