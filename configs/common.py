@@ -43,6 +43,12 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.steps = 500
     c.batch_size = 32
     c.quick = False  # a reduced variant for tests (families shrink their grids when set)
+    # Training loop (mssp_jax/train.py, docs/PIPELINE.md); 0 disables eval / checkpoints.
+    c.eval_every = 100
+    c.eval_steps = 10  # eval batches per evaluation (0 = one full pass over the eval split)
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    c.log_every = 10
     # Device mesh (mssp_jax/sharding.py, docs/SCALING_OUT.md): axis sizes, -1 = remaining devices;
     # capacity_factor: expert-parallel buffer rows per expert (0 = dropless).
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1, capacity_factor=0.0))
