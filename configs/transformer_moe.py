@@ -2,9 +2,13 @@
 
 The default is the main job of `python run.py`: small enough to train in minutes on 2 CPU cores.
 Variants: --config configs/transformer_moe.py:regime=III,scale=2.
+Other data: --config.data.name=tiny_shakespeare (or lm1b, ...) prepared locally, see
+docs/PIPELINE.md.
 """
 
 from __future__ import annotations
+
+import ml_collections
 
 from configs import common
 
@@ -28,4 +32,15 @@ def get_config(arg: str | None = None):
     c.optimizer.grad_clip = 1.0
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 30
+    c.data = ml_collections.ConfigDict(dict(
+        name="shakespeare_plays",  # embedded; or any TFDS text dataset prepared locally
+        data_dir="",  # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+        train_split="train", eval_split="validation",
+        task="",  # classification datasets only
+        max_bytes=64_000_000))  # text held in memory per split (the first bytes of big datasets)
+    c.steps = 500
+    c.batch_size = 32
+    c.eval_every = 100
+    c.eval_steps = 8
+    c.checkpoint_every = 100
     return c
