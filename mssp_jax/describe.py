@@ -21,8 +21,11 @@ def describe(model: Any, scaling: Scaling) -> list[dict[str, Any]]:
         param_state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     for path, var in flat:
         meta = var.get_metadata()
-        role, axes, shape = meta.get("role"), meta.get("out_sharding"), tuple(var.shape)
-        init, fan = scaling.std_rule(role), fan_in(shape, axes or (None,) * len(shape))
+        # Models labelled by `mssp_jax.labelling.label` carry their size axes and fan-in.
+        role, shape = meta.get("role"), tuple(var.shape)
+        axes = meta.get("size_axes") or meta.get("out_sharding")
+        init = scaling.std_rule(role)
+        fan = meta.get("fan_in") or fan_in(shape, axes or (None,) * len(shape))
         rows.append({
             "path": "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path),
             "role": role,
