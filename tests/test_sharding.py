@@ -1,0 +1,177 @@
+"""Sharded training on 8 CPU devices: every mesh computes the same training run.
+
+Tolerance: the meshes differ only in how float32 sums are split and ordered (all-reduces,
+reduce-scatters, per-shard matmuls), a few ulps (~1e-7 relative) per op. Adam's update
+g / (sqrt(v) + eps) passes the relative error of g through, so after a few steps at LR 1e-2 the
+parameters (entries ~0.1-1) may differ by ~lr x 1e-4 = 1e-6; measured: <= 1.1e-5 absolute on
+parameters, <= 2.4e-7 relative on losses. We allow 1e-4 and 1e-5: a routing or layout bug moves
+the affected entries by ~lr = 1e-2, two orders above.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from configs import mlp_moe, transformer_moe
+from mssp_jax import checkpoint, expert_parallel, factory, sharding, train
+from mssp_jax.moe import MoE
+from mssp_jax.scaling import ConfigError
+
+STEPS = 4
+PARAM_ATOL, LOSS_RTOL = 1e-4, 1e-5
+MESHES = {  # the issue's (data, expert) meshes, plus one using all four axes
+    "single": dict(),
+    "(1,8)": dict(data=1, expert=8),
+    "(2,4)": dict(data=2, expert=4),
+    "(8,1)": dict(data=8, expert=1),
+    "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2),
+}
+
+
+def tiny_config(**mesh):
+    c = mlp_moe.get_config()
+    for s in (c.shape, c.base_shape):
+        s.update(width=16, expert_width=8, num_experts=8, top_k=2)
+    c.batch_size = 16  # input_dim 64, 10 classes: the embedded digits
+    c.mesh.update(mesh)
+    return c
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    return [{"inputs": rng.normal(size=(16, 64)).astype(np.float32),
+             "targets": rng.integers(0, 10, 16)} for _ in range(STEPS)]
+
+
+@functools.cache
+def initial_state():
+    """Host copy of the initial state (each run places a fresh copy: steps donate their input)."""
+    return jax.tree.map(np.asarray, train.init_state(train.setup(tiny_config())))
+
+
+@functools.cache
+def compiled(name: str):
+    sharded = sharding.setup(tiny_config(**MESHES[name]))
+    return sharded, sharding.make_train_step(sharded)
+
+
+def run(name: str, state=None, data=None):
+    sharded, step = compiled(name)
+    state = jax.device_put(initial_state() if state is None else state, sharded.state_shardings)
+    losses = []
+    for batch in batches() if data is None else data:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, np.array(losses)
+
+
+@functools.cache
+def reference():
+    state, losses = run("single")
+    return jax.tree.map(np.asarray, state), losses
+
+
+def assert_close(state, ref):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL),
+                 state["params"], ref["params"])
+
+
+@pytest.mark.parametrize("name", [n for n in MESHES if n != "single"])
+def test_meshes_train_identically(name):
+    ref, losses = reference()
+    state, mesh_losses = run(name)
+    moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), ref["params"], initial_state()["params"])
+    assert min(jax.tree.leaves(moved)) > 10 * PARAM_ATOL  # every parameter trained past the tolerance
+    np.testing.assert_allclose(mesh_losses, losses, rtol=LOSS_RTOL)
+    assert_close(state, ref)
+
+
+def test_expert_meshes_route_tokens_by_all_to_all():
+    sharded, _ = compiled("(2,4)")
+    model = nnx.merge(sharded.program.graphdef, sharded.abstract_state["params"])
+    moes = [m for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+    assert moes and all(m.dispatch.func is expert_parallel.expert_parallel
+                        and m.dispatch.keywords["mesh"] is sharded.mesh for m in moes)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    ref, losses = reference()
+    first, second = batches()[:2], batches()[2:]
+    state, _ = run("(2,4)", data=first)
+    ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1)
+    ckpt.save(2, state, data_position=2, seed=0, force=True)
+    ckpt.close()
+    target, _ = compiled("fsdp2_expert2_tensor2")
+    restored = checkpoint.Checkpointer(tmp_path, every=1, keep=1).restore_latest(
+        target.abstract_state, seed=0)
+    assert restored.step == 2
+    for leaf, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(target.state_shardings)):
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    jax.tree.map(np.testing.assert_array_equal, restored.state, state)  # bit-exact
+    continued, tail_losses = run("fsdp2_expert2_tensor2", state=restored.state, data=second)
+    np.testing.assert_allclose(tail_losses, losses[2:], rtol=LOSS_RTOL)
+    assert_close(continued, ref)
+
+
+# The mesh each logical axis asks for, written out independently of sharding.LOGICAL_RULES.
+EXPECTED_MESH_AXIS = {"embed": "fsdp", "expert": "expert", "heads": "tensor", "mlp": "tensor",
+                      "expert_mlp": "tensor"}
+
+
+def test_every_parameter_lands_where_its_labels_ask():
+    c = transformer_moe.get_config()
+    for s in (c.shape, c.base_shape):
+        s.update(width=16, expert_width=8, num_experts=4, top_k=2, depth=2)
+    c.head_dim, c.moe_every, c.batch_size = 8, 2, 8  # a dense and an MoE block
+    c.mesh.update(fsdp=2, expert=2, tensor=2)
+    sharded = sharding.setup(c)
+    state = sharding.init_state(sharded)
+    expected_init = train.init_state(train.setup(c))
+    labels = nnx.to_flat_state(nnx.state(nnx.eval_shape(
+        lambda: factory.build_model(c, nnx.Rngs(0))), nnx.Param))
+    placed = dict(nnx.to_flat_state(state["params"]))
+    seen = set()
+    for path, var in labels:
+        axes = var.get_metadata()["out_sharding"]
+        seen.update(axes)
+        spec = P(*(EXPECTED_MESH_AXIS.get(a) for a in axes))
+        array = placed[path]
+        assert array.sharding.spec == spec, (path, axes)
+        local = tuple(d // (2 if m else 1) for d, m in zip(array.shape, spec))
+        assert all(s.data.shape == local for s in array.addressable_shards), path
+    assert {"embed", "expert", "heads", "mlp", "expert_mlp"} <= seen
+    jax.tree.map(np.testing.assert_array_equal, state, expected_init)  # same init on any mesh
+
+
+@pytest.mark.parametrize("mesh, field", [
+    (dict(data=3), "mesh"),  # 3 does not divide 8 devices
+    (dict(data=2, fsdp=2, expert=2, tensor=2), "divide the device count"),  # 16 > 8
+    (dict(data=-1, fsdp=-1), "-1"),
+    (dict(data=0), "mesh.data"),
+    (dict(expert=8, data=1, num_experts=4), "mesh.expert"),  # M = 4 on 8 expert shards
+    (dict(data=8, batch_size=12), "batch_size"),
+])
+def test_bad_mesh_configs_name_the_field(mesh, field):
+    c = tiny_config()
+    experts, batch = mesh.pop("num_experts", None), mesh.pop("batch_size", None)
+    if experts:
+        c.shape.num_experts = c.base_shape.num_experts = experts
+    if batch:
+        c.batch_size = batch
+    c.mesh.update(mesh)
+    with pytest.raises(ConfigError, match=field):
+        sharding.make_mesh(c)
+
+
+def test_parameter_the_mesh_cannot_split_is_named():
+    c = tiny_config(fsdp=8)
+    for s in (c.shape, c.base_shape):
+        s.width = 12  # 'embed' dims of 12 over 8 fsdp shards
+    with pytest.raises(ConfigError, match=r"moe.*'embed' of size 12 .*mesh\.fsdp"):
+        sharding.setup(c)
