@@ -43,11 +43,12 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore_latest(self, like: Any, seed: int) -> Restored | None:
-        """The newest checkpoint restored into the structure and shardings of `like`."""
+        """The newest checkpoint restored into the structure and shardings of `like` (None: the
+        arrays as saved, as nested dicts, for inspection)."""
         step = self.manager.latest_step()
         if step is None:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         if out.meta["seed"] != seed:
