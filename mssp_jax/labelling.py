@@ -223,9 +223,9 @@ def label(params: Any, patterns: Mapping[str, Rule] | None = None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _sample(key: jax.Array, scaling: Scaling, var: nnx.Variable) -> jax.Array:
+def _sample(key: jax.Array, scaling: Scaling, meta: Mapping[str, Any], shape: Sequence[int],
+            dtype: Any) -> jax.Array:
     """One tensor's init: sampled as (batch..., fan_in, fan_out), then laid back out."""
-    meta, shape = var.get_metadata(), var.shape
     axes = meta[SIZE_AXES_KEY]
     batch = [i for i, a in enumerate(axes) if a in ("expert", "layers")]
     ins = [i for i, a in enumerate(axes) if a == "in"]
@@ -233,7 +233,7 @@ def _sample(key: jax.Array, scaling: Scaling, var: nnx.Variable) -> jax.Array:
     order = batch + ins + outs
     canonical = [shape[i] for i in batch] + [meta["fan_in"], math.prod(shape[i] for i in outs)]
     canonical_axes = [axes[i] for i in batch] + ["in", "out"]
-    value = sample_init(key, scaling, meta["role"], canonical, canonical_axes, var.get_value().dtype)
+    value = sample_init(key, scaling, meta["role"], canonical, canonical_axes, dtype)
     return jnp.transpose(value.reshape([shape[i] for i in order]), np.argsort(order))
 
 
@@ -241,8 +241,15 @@ def reinit(labelled: Any, scaling: Scaling, key: jax.Array) -> Any:
     """Fresh values from `scaling`'s init rules (zero router, sqrt(M) expert_down, shared experts).
 
     `labelled` comes from `label`; the result has its structure with arrays in place of Params:
-    for NNX ``nnx.update(model, reinit(...))``, for Linen it is the new param dict.
+    for NNX ``nnx.update(model, reinit(...))``, for Linen it is the new param dict. All tensors
+    are sampled by one jitted program (one compile, not one per tensor).
     """
     flat, treedef = jax.tree_util.tree_flatten(labelled, is_leaf=_is_leaf)
-    keys = jax.random.split(key, len(flat))
-    return jax.tree_util.tree_unflatten(treedef, [_sample(k, scaling, v) for k, v in zip(keys, flat)])
+    specs = [(v.get_metadata(), tuple(v.shape), v.get_value().dtype) for v in flat]
+
+    @jax.jit
+    def sample_all(key: jax.Array) -> list[jax.Array]:
+        keys = jax.random.split(key, len(specs))
+        return [_sample(k, scaling, *spec) for k, spec in zip(keys, specs)]
+
+    return jax.tree_util.tree_unflatten(treedef, sample_all(key))
