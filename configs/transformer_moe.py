@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
         train_split="train", eval_split="validation",
         task="",  # classification datasets only
         max_bytes=64_000_000))  # text held in memory per split (the first bytes of big datasets)
-    c.steps = 500
+    c.steps = 400
     c.batch_size = 32
     c.eval_every = 100
     c.eval_steps = 8
