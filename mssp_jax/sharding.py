@@ -231,6 +231,18 @@ def make_eval_step(sharded: Sharded) -> Callable:
     return lambda params, batch: step(params, global_batch(batch, sharded))
 
 
+def uses_mesh(config: Any) -> bool:
+    """Whether ``config.mesh`` spans more than one device."""
+    return math.prod(mesh_shape(config).values()) > 1
+
+
+def step_builders(config: Any) -> tuple[Callable, Callable, Callable]:
+    """Drop-ins for `train.init_state` / `make_train_step` / `make_eval_step` on config.mesh."""
+    sharded = setup(config)
+    return (lambda _: init_state(sharded), lambda _: make_train_step(sharded),
+            lambda _: make_eval_step(sharded))
+
+
 def initialize_distributed(config: Any) -> None:
     """`jax.distributed.initialize` when ``config.distributed.initialize`` is set; must run
     before any other JAX call. Empty fields are auto-detected (TPU pods, SLURM, ...)."""

@@ -103,7 +103,9 @@ def test_expert_meshes_route_tokens_by_all_to_all():
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     ref, losses = reference()
     first, second = batches()[:2], batches()[2:]
-    state, _ = run("(2,4)", data=first)
+    start = sharding.init_state(compiled("(2,4)")[0])  # created sharded: same values as 1 device
+    jax.tree.map(np.testing.assert_array_equal, start, initial_state())
+    state, _ = run("(2,4)", state=start, data=first)
     ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1)
     ckpt.save(2, state, data_position=2, seed=0, force=True)
     ckpt.close()
@@ -130,9 +132,7 @@ def test_every_parameter_lands_where_its_labels_ask():
         s.update(width=16, expert_width=8, num_experts=4, top_k=2, depth=2)
     c.head_dim, c.moe_every, c.batch_size = 8, 2, 8  # a dense and an MoE block
     c.mesh.update(fsdp=2, expert=2, tensor=2)
-    sharded = sharding.setup(c)
-    state = sharding.init_state(sharded)
-    expected_init = train.init_state(train.setup(c))
+    state = sharding.init_state(sharding.setup(c))
     labels = nnx.to_flat_state(nnx.state(nnx.eval_shape(
         lambda: factory.build_model(c, nnx.Rngs(0))), nnx.Param))
     placed = dict(nnx.to_flat_state(state["params"]))
@@ -146,7 +146,6 @@ def test_every_parameter_lands_where_its_labels_ask():
         local = tuple(d // (2 if m else 1) for d, m in zip(array.shape, spec))
         assert all(s.data.shape == local for s in array.addressable_shards), path
     assert {"embed", "expert", "heads", "mlp", "expert_mlp"} <= seen
-    jax.tree.map(np.testing.assert_array_equal, state, expected_init)  # same init on any mesh
 
 
 @pytest.mark.parametrize("mesh, field", [
@@ -175,3 +174,17 @@ def test_parameter_the_mesh_cannot_split_is_named():
         s.width = 12  # 'embed' dims of 12 over 8 fsdp shards
     with pytest.raises(ConfigError, match=r"moe.*'embed' of size 12 .*mesh\.fsdp"):
         sharding.setup(c)
+
+
+def test_shard_model_places_params_and_keeps_the_function():
+    c = tiny_config()
+    program = train.setup(c)
+    params = initial_state()["params"]
+    inputs = batches()[0]["inputs"]
+    want, _ = nnx.merge(program.graphdef, params)(inputs)
+    mesh = sharding.make_mesh(tiny_config(data=2, expert=4))
+    model = sharding.shard_model(nnx.merge(program.graphdef, params), mesh)
+    assert model.moe.w_up[...].sharding.spec == P("expert", "fsdp", "tensor")
+    assert model.moe.dispatch.keywords["mesh"] is mesh
+    got, _ = nnx.jit(lambda m, x: m(x))(model, inputs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
