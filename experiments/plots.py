@@ -1,0 +1,154 @@
+"""Paper-style figures of the sweeps (matplotlib, PNG, ~100 dpi): loss vs LR per scale, loss vs
+scale at the base-optimal LR, early training curves muP vs MSSP."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 100
+PARAM_STYLE = {"sp": "o-", "mup": "s-", "mssp": "D-", "mup_global_eps": "v--", "jiang": "^:"}
+
+
+def scale_colours(n: int) -> list:
+    return [plt.cm.viridis(x) for x in np.linspace(0.0, 0.85, max(n, 1))]
+
+
+def _nan(xs: list) -> np.ndarray:
+    return np.asarray([np.nan if x is None else x for x in xs], float)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
+    """One panel per (optimizer, parameterization); one line per scale; stars at the optima."""
+    opts = list(table)
+    params = sorted({p for o in opts for p in table[o]}, key=list(PARAM_STYLE).index)
+    fig, axes = plt.subplots(len(opts), len(params), figsize=(3.0 * len(params), 2.6 * len(opts)),
+                             squeeze=False, sharey="row")
+    for r, opt in enumerate(opts):
+        for c, param in enumerate(params):
+            ax = axes[r, c]
+            ax.set_xscale("log")
+            ax.set_title(f"{param}, {opt}, regime {regime}", fontsize=9)
+            fam = table[opt].get(param)
+            if fam is None:
+                ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center")
+                continue
+            for colour, scale, mean, std, i in zip(scale_colours(len(fam["scales"])), fam["scales"],
+                                                   fam["mean_loss"], fam["std_loss"],
+                                                   fam["opt_index"]):
+                mean, std = _nan(mean), _nan(std)
+                ax.errorbar(fam["lrs"], mean, yerr=std, color=colour, marker="o", ms=3,
+                            label=f"x{scale}", capsize=2)
+                if i is not None:
+                    ax.plot(fam["lrs"][i], mean[i], "*", color=colour, ms=11, mec="k")
+            ax.set_xlabel("base learning rate")
+            if c == 0:
+                ax.set_ylabel("final eval loss")
+            ax.legend(fontsize=7, title="scale", title_fontsize=7)
+    return _save(fig, path)
+
+
+def loss_vs_scale(table: dict[str, Any], regime: str, path: str) -> str:
+    """Final loss vs scale at each family's base-optimal LR (and at its per-scale optimum)."""
+    fig, axes = plt.subplots(1, len(table), figsize=(4.2 * len(table), 3.2), squeeze=False)
+    for ax, (opt, fams) in zip(axes[0], table.items()):
+        for param, fam in sorted(fams.items(), key=lambda kv: list(PARAM_STYLE).index(kv[0])):
+            line, = ax.plot(fam["scales"], _nan(fam["loss_at_base_opt_lr"]), PARAM_STYLE[param],
+                            label=f"{param} (base-opt LR)")
+            ax.plot(fam["scales"], _nan(fam["best_loss"]), PARAM_STYLE[param][0], mfc="none",
+                    color=line.get_color(), ls="none", label=f"{param} (per-scale opt)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("scale (width ratio N/N0)")
+        ax.set_ylabel("final eval loss")
+        ax.set_title(f"{opt}, regime {regime}")
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def early_curves(records: list[dict[str, Any]], table: dict[str, Any], regime: str,
+                 path: str, params: tuple[str, ...] = ("mup", "mssp")) -> str:
+    """Seed-mean training loss of the first steps at each family's base-optimal LR, per scale."""
+    opts = [o for o in table if any(p in table[o] for p in params)]
+    fig, axes = plt.subplots(1, max(len(opts), 1), figsize=(4.5 * max(len(opts), 1), 3.2),
+                             squeeze=False)
+    for ax, opt in zip(axes[0], opts):
+        for param, style in zip(params, ("--", "-")):
+            fam = table[opt].get(param)
+            if fam is None or fam["opt_lr"][0] is None:
+                continue
+            lr = fam["opt_lr"][0]
+            recs = sorted((r for r in records if r["cell"]["optimizer"] == opt
+                           and r["cell"]["parameterization"] == param),
+                          key=lambda r: r["cell"]["scale"])
+            for colour, rec in zip(scale_colours(len(recs)), recs):
+                curves = [_nan(r["early"]) for r in rec["runs"] if r["lr"] == lr]
+                ax.plot(np.arange(1, len(curves[0]) + 1), np.mean(curves, 0), style, color=colour,
+                        label=f"{param} x{rec['cell']['scale']}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (fresh batches)")
+        ax.set_title(f"early training, {opt}, regime {regime}")
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def sweep_figures(table: dict[str, Any], records: list[dict[str, Any]], workdir: str,
+                  regime: str) -> list[str]:
+    """All sweep figures of one regime into <workdir>/figures/."""
+    out = os.path.join(workdir, "figures")
+    if not table:
+        return []
+    return [loss_vs_lr(table, regime, os.path.join(out, f"loss_vs_lr_{regime}.png")),
+            loss_vs_scale(table, regime, os.path.join(out, f"loss_vs_scale_{regime}.png")),
+            early_curves(records, table, regime, os.path.join(out, f"early_{regime}.png"))]
+
+
+VS_WIDTH = ("h_agg/base", "h_agg/propagating", "h_agg/effective", "h_agg/cross",
+            "router/logit_rms", "readout/activation", "expert_up/effective_update",
+            "expert_down/effective_update")
+
+
+def coord_figures(results: dict[str, Any], regime: str, out: str) -> list[str]:
+    """Exponent bars (every observable, last recorded step) and key observables vs width."""
+    params = sorted(results, key=list(PARAM_STYLE).index)
+    first = results[params[0]]
+    last = max(first["steps"], key=int)
+    names = list(first["steps"][last])
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(names) * len(params)), 3.6))
+    width = 0.8 / len(params)
+    for i, param in enumerate(params):
+        exps = [results[param]["steps"][last][n]["exponent"] for n in names]
+        ax.bar(np.arange(len(names)) + i * width, np.nan_to_num(exps), width, label=param)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=75, fontsize=7)
+    ax.set_ylabel("exponent (log-log slope vs N/N0)")
+    ax.set_title(f"coordinate-check exponents at step {last}, regime {regime}")
+    ax.legend(fontsize=8)
+    paths = [_save(fig, os.path.join(out, f"coord_exponents_{regime}.png"))]
+    fig, axes = plt.subplots(2, 4, figsize=(13, 5.6))
+    for ax, name in zip(axes.flat, VS_WIDTH):
+        for param in params:
+            r = results[param]
+            ax.plot(r["scales"], r["steps"][last][name]["values"], PARAM_STYLE[param], label=param)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("width ratio N/N0")
+        ax.set_ylabel("rms")
+        ax.set_title(name, fontsize=9)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"observables vs width at step {last}, regime {regime}")
+    fig.tight_layout()
+    paths.append(_save(fig, os.path.join(out, f"coord_vs_width_{regime}.png")))
+    return paths

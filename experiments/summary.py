@@ -1,0 +1,93 @@
+"""From finished sweep cells to the numbers RESULTS.md reports: optimum per scale, LR drift in
+grid steps, monotonicity in scale, losses with their spread over seeds."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+
+def loss_table(runs: list[dict[str, Any]]) -> tuple[list[float], np.ndarray]:
+    """(sorted LRs, eval loss [lr, seed]) with NaN for diverged runs."""
+    lrs = sorted({r["lr"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    table = np.full((len(lrs), len(seeds)), np.nan)
+    for r in runs:
+        if not r["diverged"] and r["eval_loss"] is not None:
+            table[lrs.index(r["lr"]), seeds.index(r["seed"])] = r["eval_loss"]
+    return lrs, table
+
+
+def seed_mean(table: np.ndarray) -> np.ndarray:
+    """Mean over seeds; an LR where any seed diverged counts as diverged (NaN)."""
+    return np.where(np.isnan(table).any(-1), np.nan, np.nanmean(np.nan_to_num(table), -1))
+
+
+def best_of_grid(runs: list[dict[str, Any]]) -> tuple[float, float]:
+    """(best LR, its seed-mean loss); (nan, inf) when every LR diverged."""
+    lrs, table = loss_table(runs)
+    mean = seed_mean(table)
+    if np.isnan(mean).all():
+        return float("nan"), float("inf")
+    i = int(np.nanargmin(mean))
+    return lrs[i], float(mean[i])
+
+
+def family_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary of one (parameterization, optimizer) over its scales (records sorted by scale)."""
+    scales = [r["cell"]["scale"] for r in records]
+    lrs, _ = loss_table(records[0]["runs"])
+    tables = [loss_table(r["runs"])[1] for r in records]
+    means = [seed_mean(t) for t in tables]
+    opt_idx = [int(np.nanargmin(m)) if not np.isnan(m).all() else None for m in means]
+    valid = [i for i in opt_idx if i is not None]
+    base_i = opt_idx[0]
+    at_base = [float(m[base_i]) if base_i is not None else float("nan") for m in means]
+    best = [float(m[i]) if i is not None else float("nan") for m, i in zip(means, opt_idx)]
+    best_std = [float(np.std(t[i])) if i is not None else float("nan")
+                for t, i in zip(tables, opt_idx)]
+    decreasing = lambda xs: bool(np.all(np.diff(xs) < 0))  # noqa: E731
+    return {
+        "scales": scales, "lrs": lrs,
+        "mean_loss": [[None if np.isnan(x) else float(x) for x in m] for m in means],
+        "std_loss": [[None if np.isnan(x) else float(x) for x in np.nanstd(t, -1)] for t in tables],
+        "diverged": [[int(x) for x in np.isnan(t).sum(-1)] for t in tables],
+        "opt_lr": [lrs[i] if i is not None else None for i in opt_idx],
+        "opt_index": opt_idx,
+        "opt_at_grid_edge": [i is not None and i in (0, len(lrs) - 1) for i in opt_idx],
+        "drift_steps": (max(valid) - min(valid)) if valid else None,
+        "best_loss": best, "best_loss_std": best_std,
+        "loss_at_base_opt_lr": at_base,
+        "monotone_best": decreasing(best), "monotone_at_base_lr": decreasing(at_base),
+    }
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """{optimizer: {parameterization: family summary}} over the finished LR cells."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["cell"]["optimizer"], r["cell"]["parameterization"])].append(r)
+    out: dict[str, Any] = defaultdict(dict)
+    for (opt, param), recs in sorted(groups.items()):
+        out[opt][param] = family_summary(sorted(recs, key=lambda r: r["cell"]["scale"]))
+        out[opt][param]["multiplier_knobs"] = recs[0].get("multiplier_knobs", {})
+    return dict(out)
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """A Markdown table: one row per (optimizer, parameterization)."""
+    lines = ["| optimizer | param | scales | optimal LR per scale | drift (grid steps) | "
+             "best loss per scale (mean ± std over seeds) | monotone (best / at base LR) |",
+             "|---|---|---|---|---|---|---|"]
+    for opt, fams in table.items():
+        for param, f in fams.items():
+            lrs = ", ".join("div" if x is None else f"{x:.3g}" +
+                            ("*" if edge else "") for x, edge in
+                            zip(f["opt_lr"], f["opt_at_grid_edge"]))
+            losses = ", ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(f["best_loss"],
+                                                                   f["best_loss_std"]))
+            lines.append(f"| {opt} | {param} | {f['scales']} | {lrs} | {f['drift_steps']} | "
+                         f"{losses} | {f['monotone_best']} / {f['monotone_at_base_lr']} |")
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""LR-transfer sweep: LR grid x scale x parameterization x optimizer for one regime, resumable.
+
+The unit of work is a *cell*: one (parameterization, optimizer, scale) trained over the whole LR
+grid and all seeds as one vmapped program (`mssp_jax.vmap_train`). Each finished cell is written
+atomically to ``<workdir>/cells/<key>.json``; a re-run skips cells whose file exists, so a killed
+sweep continues where it stopped. Diverged runs are recorded (``diverged: true``), never fatal.
+
+Before the LR cells, a multiplier sweep at the base shape (``kind = mult``) tries per-role
+init / LR multipliers one knob at a time; its best point is applied to every LR cell (the same
+constants at every scale, as a base-tuned hyperparameter must be).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from configs import common
+from experiments import plots, summary, tasks
+from mssp_jax import vmap_train
+
+Multipliers = dict[str, dict[str, float]]  # {'init' | 'lr': {role: factor}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One vmapped program: every LR (x multiplier point) and seed of one configuration."""
+
+    kind: str  # 'lr' | 'mult' (| 'coord' for the coordinate check's configs)
+    regime: str
+    optimizer: str
+    parameterization: str
+    scale: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.regime}-{self.optimizer}-{self.parameterization}-x{self.scale}"
+
+
+def prepare(config: Any) -> Any:
+    """Applies `quick_overrides` when `quick` is set (the reduced variant used by the tests)."""
+    config = config.copy_and_resolve_references()
+    if config.get("quick", False):
+        config.update(config.quick_overrides)
+    return config
+
+
+def plan(config: Any) -> list[Cell]:
+    """Every cell, multiplier cells first (LR cells depend on them), then scale-major per family."""
+    s, regime = config.sweep, config.regime
+    cells = [Cell("mult", regime, opt, s.multipliers.parameterization, 1)
+             for opt in s.optimizers if s.multipliers.enabled]
+    for param in s.parameterizations:
+        for opt in s.optimizers:
+            if param == "jiang" and opt == "sgd":
+                continue  # the Jiang et al. rules are Adam-only
+            cells += [Cell("lr", regime, opt, param, scale) for scale in s.scales]
+    return cells
+
+
+def cell_config(config: Any, cell: Cell) -> Any:
+    """The model/training config of one cell (shape from the base shape, regime and scale)."""
+    c = config.copy_and_resolve_references()
+    b = c.base_shape
+    base = (b.width, b.expert_width, b.num_experts, b.top_k)
+    c.shape = common.regime_shape(base, cell.regime, cell.scale, b.depth)
+    c.parameterization, c.optimizer.name = cell.parameterization, cell.optimizer
+    return c
+
+
+def multiplier_points(config: Any) -> list[tuple[dict[str, float], Multipliers]]:
+    """The one-knob-at-a-time grid: (knob settings, role multipliers), the all-ones point first."""
+    m = config.sweep.multipliers
+    points = [({}, {})]
+    for name in m.use:
+        kind, *roles = m.knobs[name]
+        for value in m.factors:
+            points.append(({name: value}, {kind: {role: value for role in roles}}))
+    return points
+
+
+def cell_path(workdir: str, cell: Cell) -> str:
+    return os.path.join(workdir, "cells", f"{cell.key}.json")
+
+
+def write_atomic(path: str, payload: Any) -> None:
+    """Write-then-rename: a killed writer leaves a *.tmp file, never a truncated result."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f)
+    os.replace(path + ".tmp", path)
+
+
+def load_cell(workdir: str, cell: Cell) -> dict[str, Any] | None:
+    path = cell_path(workdir, cell)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def best_multipliers(workdir: str, config: Any, optimizer: str) -> tuple[dict, Multipliers]:
+    """The multiplier point with the lowest seed-mean eval loss (at its best LR); ones if none."""
+    cell = Cell("mult", config.regime, optimizer, config.sweep.multipliers.parameterization, 1)
+    result = load_cell(workdir, cell) if config.sweep.multipliers.enabled else None
+    if result is None:
+        return {}, {}
+    best = min(result["points"], key=lambda p: summary.best_of_grid(p["runs"])[1])
+    return best["knobs"], best["multipliers"]
+
+
+def run_cell(config: Any, cell: Cell, data: dict, workdir: str) -> dict[str, Any]:
+    """Trains one cell and returns its JSON record."""
+    c = cell_config(config, cell)
+    s, lrs = config.sweep, list(config.sweep.lr_grids[cell.optimizer])
+    record = {"cell": dataclasses.asdict(cell), "shape": c.shape.to_dict(), "task": c.task,
+              "steps": c.steps, "batch_size": c.batch_size}
+    if cell.kind == "mult":
+        points = multiplier_points(config)
+        result = vmap_train.train_lrs(c, lrs * len(points), s.multipliers.seeds, data,
+                                      [mult for _, mult in points for _ in lrs])
+        runs = _runs(result, early_steps=0)
+        record["points"] = [{"knobs": knobs, "multipliers": mult,
+                             "runs": runs[i * len(lrs) * len(result.seeds):
+                                          (i + 1) * len(lrs) * len(result.seeds)]}
+                            for i, (knobs, mult) in enumerate(points)]
+        return record
+    knobs, mult = best_multipliers(workdir, config, cell.optimizer)
+    result = vmap_train.train_lrs(c, lrs, s.seeds, data, [mult] * len(lrs))
+    record.update(multiplier_knobs=knobs, runs=_runs(result, s.early_steps))
+    return record
+
+
+def _runs(result: vmap_train.SweepResult, early_steps: int) -> list[dict[str, Any]]:
+    """Per-run records; the training curve is kept whole for the first `early_steps` steps and
+    as 10-step means after (enough for the delayed-learning plot, small on disk)."""
+    runs = []
+    for i in range(len(result.lrs)):
+        for j in range(len(result.seeds)):
+            run = result.run(i, j)
+            curve = np.asarray([np.nan if x is None else x for x in run.pop("train_loss")])
+            blocks = curve[: len(curve) // 10 * 10].reshape(-1, 10).mean(-1)
+            as_json = lambda xs: [float(x) if np.isfinite(x) else None for x in xs]  # noqa: E731
+            run.update(early=as_json(curve[:early_steps]), curve_10=as_json(blocks))
+            runs.append(run)
+    return runs
+
+
+def run_sweep(config: Any, workdir: str) -> dict[str, list[str]]:
+    """Runs every unfinished cell (at most `sweep.max_cells` of them, if set); returns the keys
+    of the cells it ran and skipped."""
+    config = prepare(config)
+    data = tasks.load(config)
+    ran, skipped, budget = [], [], config.sweep.get("max_cells", 0)
+    for cell in plan(config):
+        if os.path.exists(cell_path(workdir, cell)):
+            skipped.append(cell.key)
+            continue
+        if budget and len(ran) >= budget:
+            break
+        print(f"[sweep] {cell.key}", flush=True)
+        write_atomic(cell_path(workdir, cell), run_cell(config, cell, data, workdir))
+        ran.append(cell.key)
+    return {"ran": ran, "skipped": skipped}
+
+
+def finished(config: Any, workdir: str) -> list[dict[str, Any]]:
+    """The records of the finished LR cells of `config`'s plan."""
+    cells = [c for c in plan(prepare(config)) if c.kind == "lr"]
+    return [r for r in (load_cell(workdir, c) for c in cells) if r is not None]
+
+
+def main(config: Any, workdir: str) -> int:
+    """`python run.py sweep --config configs/sweeps_*.py`: run, summarise, plot."""
+    status = run_sweep(config, workdir)
+    print(f"[sweep] ran {len(status['ran'])} cells, skipped {len(status['skipped'])} finished")
+    records = finished(config, workdir)
+    table = summary.summarize(records)
+    write_atomic(os.path.join(workdir, f"summary_{config.regime}.json"), table)
+    plots.sweep_figures(table, records, workdir, config.regime)
+    print(summary.format_table(table))
+    return 0
