@@ -107,6 +107,16 @@ def make_eval_step(program: Program) -> Callable:
     return jax.jit(step)
 
 
+def step_builders(program: Program) -> tuple[Callable, Callable, Callable]:
+    """`init_state`, `make_train_step`, `make_eval_step`, or their sharded versions when
+    ``config.mesh`` spans more than one device (`mssp_jax.sharding`; same state layout)."""
+    from mssp_jax import sharding
+
+    if not sharding.uses_mesh(program.config):
+        return init_state, make_train_step, make_eval_step
+    return sharding.step_builders(program.config)
+
+
 def evaluate(eval_step: Callable, params: Any, examples: data.Examples, config: Any) -> dict:
     """Mean metrics over `eval_steps` batches of the eval split in its stored order (the same
     batches at every evaluation; 0 = one full pass, the remainder dropped)."""
@@ -132,13 +142,14 @@ def train(program: Program, workdir: Path) -> int:
     eval_examples = data.load(config, config.data.eval_split)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.checkpoint_every,
                                    config.keep_checkpoints)
-    state, start, position = init_state(program), 0, 0
+    init, make_train, make_eval = step_builders(program)
+    state, start, position = init(program), 0, 0
     restored = ckpt.restore_latest(state, config.seed)
     if restored:
         state, start, position = restored.state, restored.step, restored.data_position
         print(f"resumed from step {start} ({workdir / 'checkpoints'})")
     batches = data.Batches(train_examples, config.batch_size, config.seed, position=position)
-    train_step, eval_step = make_train_step(program), make_eval_step(program)
+    train_step, eval_step = make_train(program), make_eval(program)
     writer = metrics.Writer(workdir, config.steps)
     status, last_finite, record = 0, None, {}
     for step in range(start + 1, config.steps + 1):
@@ -178,7 +189,8 @@ def run_eval(program: Program, workdir: Path) -> int:
     config = program.config
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.checkpoint_every,
                                    config.keep_checkpoints)
-    state, step = init_state(program), 0
+    init, _, make_eval = step_builders(program)
+    state, step = init(program), 0
     restored = ckpt.restore_latest(state, config.seed)
     if restored:
         state, step = restored.state, restored.step
@@ -186,7 +198,7 @@ def run_eval(program: Program, workdir: Path) -> int:
         print(f"no checkpoint in {workdir / 'checkpoints'}: evaluating the initial parameters")
     ckpt.close()
     examples = data.load(config, config.data.eval_split)
-    results = evaluate(make_eval_step(program), state["params"], examples, config)
+    results = evaluate(make_eval(program), state["params"], examples, config)
     writer = metrics.Writer(workdir, config.steps)
     record = writer.write("eval", step, results)
     writer.close()
@@ -199,6 +211,9 @@ def main(mode: str, config: Any, workdir: str) -> int:
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {list(MODES)}, got {mode!r}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from mssp_jax import sharding
+
+    sharding.initialize_distributed(config)  # multi-host: before any other JAX call
     program = setup(config)
     path = Path(workdir)
     if jax.process_index() == 0:
