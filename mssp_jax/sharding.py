@@ -47,9 +47,9 @@ LOGICAL_RULES = (  # logical axis (params.py labels) -> mesh axis; None = replic
 )
 
 
-def mesh_shape(config: Any, device_count: int | None = None) -> dict[str, int]:
+def mesh_shape(config: Any) -> dict[str, int]:
     """Axis sizes from ``config.mesh`` (-1 resolved); errors name the field and the device count."""
-    devices = jax.device_count() if device_count is None else device_count
+    devices = jax.device_count()
     fields = config.get("mesh") or {}
     sizes = {a: fields.get(a, 1) for a in MESH_AXES}
     for axis, size in sizes.items():
@@ -192,7 +192,7 @@ def setup(config: Any, mesh: Mesh | None = None) -> Sharded:
     validate_mesh(config, dict(mesh.shape))
     model = nnx.eval_shape(lambda: factory.build_model(config, nnx.Rngs(config.seed),
                                                          program.scaling))
-    use_expert_parallel(model, mesh, config.mesh.get("capacity_factor", 0.0))
+    use_expert_parallel(model, mesh, (config.get("mesh") or {}).get("capacity_factor", 0.0))
     graphdef, params = nnx.split(model, nnx.Param)
     program = dataclasses.replace(program, graphdef=graphdef)
     abstract = jax.eval_shape(lambda: train.init_state(program))
