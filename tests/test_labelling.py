@@ -11,7 +11,7 @@ from flax import nnx
 from mssp_jax import labelling
 from mssp_jax.describe import describe
 from mssp_jax.models import MLPMoE
-from mssp_jax.optim import adamw
+from mssp_jax.optim import adamw, eps_multipliers, lr_multipliers
 from mssp_jax.params import role_labels
 from mssp_jax.scaling import ConfigError, Shape, make_scaling
 
@@ -60,10 +60,12 @@ def test_third_party_moe_gets_the_numbers_of_our_own_model(regime, shape):
     ours = nnx.eval_shape(lambda: MLPMoE(IN_DIM, OUT_DIM, scaling, rngs=nnx.Rngs(0)))
     labelled = labelling.label(_third_party(shape), PATTERNS)
     assert _numbers(describe(labelled, scaling)) == _numbers(describe(ours, scaling))
-    theirs = sorted(zip(jax.tree.leaves(role_labels(labelled)),
-                        (scaling.lr_scale(r) for r in jax.tree.leaves(role_labels(labelled)))))
-    assert sorted(set(theirs)) == sorted({(r, scaling.lr_scale(r))
-                                          for r in jax.tree.leaves(role_labels(ours))})
+    # What the optimizer reads: the same multipliers, leaf for leaf, as for our own model.
+    def factors(tree):
+        return sorted(zip(jax.tree.leaves(role_labels(tree)), jax.tree.leaves(
+            lr_multipliers(scaling, tree)), jax.tree.leaves(eps_multipliers(scaling, tree))))
+
+    assert factors(labelled) == factors(ours)
 
 
 def test_uncovered_doubly_matched_and_unused_patterns_are_listed():
