@@ -1,21 +1,43 @@
 """Token-to-expert dispatch: given the routing, compute sum_k w_tk * W2_e phi(W1_e^T x_t).
 
 Every implementation has the signature ``(x [T,N], w_up [M,N,Ne], w_down [M,Ne,N], idx [T,K],
-weights [T,K], act) -> y [T,N]`` and computes the same function (tested).
+weights [T,K], act) -> y [T,N]`` and, except `capacity` when an expert overflows, computes the same
+function with the same gradients (tested). They differ in cost:
+
+* `dense`: every expert on every token, masked by the gates; cost ~ M/K x the active FLOPs.
+* `sorted`: the T*K token-slots grouped by expert (a sort), each group padded to whole tiles of
+  `tile` rows, one batched matmul over the tiles; cost ~ (T*K + M*tile) rows, i.e. the active
+  FLOPs plus the padding. The worst-case tile count is static, so it jits.
+* `ragged`: the sorted slots through `jax.lax.ragged_dot` (grouped GEMM). Efficient where the
+  backend has a grouped-GEMM kernel (GPU/TPU); XLA:CPU lowers it to work on every expert.
+* `capacity`: GShard/Switch buffers of ``ceil(capacity_factor * T*K / M)`` rows per expert; slots
+  beyond an expert's capacity are dropped (contribute 0). Priority: all first choices (k = 0) in
+  token order, then all second choices, and so on. Not exact when an expert overflows.
+
+`get("auto")` is the fastest exact one for `jax.default_backend()` (see docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Dispatch = Callable[..., jax.Array]
+Activation = Callable[[jax.Array], jax.Array]
+
+DEFAULT_TILE = 8  # rows per tile of `sorted`: the best of 8/16/32/64 on 2 CPU cores (BENCHMARKS.md)
+DEFAULT_CAPACITY_FACTOR = 1.25  # GShard / Switch default
+AUTO = {"cpu": "sorted", "gpu": "ragged", "tpu": "ragged"}  # fastest exact dispatch per backend
+PACKED_SORT_LIMIT = 2**31  # (expert, slot) packed in one int32 sort key below this many keys
 
 
 def dense(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array, weights: jax.Array,
-          act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+          act: Activation) -> jax.Array:
     """Every expert on every token, masked by the gates: exact, simple, cost ~ M/K x active."""
     num_experts = w_up.shape[0]
     gates = jnp.zeros((x.shape[0], num_experts), weights.dtype)
@@ -24,18 +46,133 @@ def dense(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array, weig
     return jnp.einsum("tme,men,tm->tn", hidden, w_down, gates)
 
 
-_REGISTRY: dict[str, Dispatch] = {"dense": dense}
+class Slots(NamedTuple):
+    """The T*K token-slots in priority order (slot s = k*T + t), grouped by expert."""
+
+    token: jax.Array  # [S] token of each slot
+    expert: jax.Array  # [S] expert of each slot
+    rank: jax.Array  # [S] position of the slot inside its expert's group (priority order)
+    sizes: jax.Array  # [M] group size of each expert
+    order: jax.Array  # [S] slots sorted by expert (stable, so priority order inside a group)
+
+
+def group_slots(idx: jax.Array, num_experts: int) -> Slots:
+    """Sorts the slots by expert; k-major so that all first choices come before second ones."""
+    num_tokens, k = idx.shape
+    num_slots = num_tokens * k
+    expert = idx.T.reshape(-1)
+    if num_experts * num_slots < PACKED_SORT_LIMIT:  # one int32 key sorts ~4x faster on CPU
+        order = jax.lax.sort(expert * num_slots + jnp.arange(num_slots, dtype=expert.dtype)) % num_slots
+    else:
+        order = jnp.argsort(expert, stable=True)
+    sizes = jnp.bincount(expert, length=num_experts)
+    starts = jnp.cumsum(sizes) - sizes
+    sorted_rank = jnp.arange(num_slots) - starts[expert[order]]
+    rank = jnp.zeros_like(sorted_rank).at[order].set(sorted_rank)
+    return Slots(jnp.arange(num_tokens * k) % num_tokens, expert, rank, sizes, order)
+
+
+def _combine(y_slots: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_k w_tk y_(k*T+t): y_slots [S, N] in slot order -> [T, N]."""
+    num_tokens, k = weights.shape
+    return jnp.einsum("ktn,tk->tn", y_slots.reshape(k, num_tokens, -1), weights)
+
+
+def _blocked_ffn(x: jax.Array, rows: jax.Array, valid: jax.Array, num_rows: int,
+                 w_up: jax.Array, w_down: jax.Array, act: Activation,
+                 slot_token: jax.Array) -> jax.Array:
+    """Places slot s at buffer row rows[s] (if valid), runs block b of the buffer through expert
+    weights w_up[b] / w_down[b] (blocks of equal size), and returns each slot's output [S, N]."""
+    num_blocks = w_up.shape[0]
+    rows = jnp.where(valid, rows, num_rows)  # invalid slots land on a discarded extra row
+    row_token = jnp.full((num_rows + 1,), x.shape[0], jnp.int32).at[rows].set(slot_token)
+    x_padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+    buffer = x_padded[row_token[:num_rows]].reshape(num_blocks, num_rows // num_blocks, -1)
+    hidden = act(jnp.einsum("brn,bne->bre", buffer, w_up))
+    out = jnp.einsum("bre,ben->brn", hidden, w_down).reshape(num_rows, -1)
+    return jnp.where(valid[:, None], out[jnp.minimum(rows, num_rows - 1)], 0)
+
+
+def num_tiles(num_slots: int, num_experts: int, tile: int) -> int:
+    """Worst-case tile count: sum_e ceil(s_e / tile) with sum_e s_e = num_slots."""
+    return min((num_slots + num_experts * (tile - 1)) // tile, num_slots)
+
+
+def sorted_tiles(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array,
+                 weights: jax.Array, act: Activation, tile: int = DEFAULT_TILE) -> jax.Array:
+    """Grouped matmul over fixed-size tiles: each expert's slots padded to whole tiles."""
+    num_experts = w_up.shape[0]
+    slots = group_slots(idx, num_experts)
+    tiles = -(-slots.sizes // tile)  # ceil
+    tile_start = jnp.cumsum(tiles) - tiles
+    count = num_tiles(idx.size, num_experts, tile)
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(jnp.cumsum(tiles), jnp.arange(count), side="right"), num_experts - 1)
+    rows = tile_start[slots.expert] * tile + slots.rank
+    y = _blocked_ffn(x, rows, jnp.ones_like(rows, bool), count * tile, w_up[tile_expert],
+                     w_down[tile_expert], act, slots.token)
+    return _combine(y, weights)
+
+
+def ragged(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array, weights: jax.Array,
+           act: Activation) -> jax.Array:
+    """Slots sorted by expert through `jax.lax.ragged_dot` (grouped GEMM), then unsorted."""
+    slots = group_slots(idx, w_up.shape[0])
+    xs = x[slots.token[slots.order]]
+    hidden = act(jax.lax.ragged_dot(xs, w_up, slots.sizes))
+    ys = jax.lax.ragged_dot(hidden, w_down, slots.sizes)
+    y = jnp.zeros_like(ys).at[slots.order].set(ys)
+    return _combine(y, weights)
+
+
+def capacity_per_expert(num_slots: int, num_experts: int, capacity_factor: float) -> int:
+    """GShard capacity ceil(factor * T*K / M), at least 1 and at most T*K."""
+    return max(1, min(num_slots, math.ceil(capacity_factor * num_slots / num_experts)))
+
+
+def capacity(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array,
+             weights: jax.Array, act: Activation,
+             capacity_factor: float = DEFAULT_CAPACITY_FACTOR) -> jax.Array:
+    """GShard dispatch: a [M, C] buffer per layer; slots past an expert's capacity C dropped."""
+    num_experts = w_up.shape[0]
+    cap = capacity_per_expert(idx.size, num_experts, capacity_factor)
+    slots = group_slots(idx, num_experts)
+    rows = slots.expert * cap + slots.rank
+    y = _blocked_ffn(x, rows, slots.rank < cap, num_experts * cap, w_up, w_down, act, slots.token)
+    return _combine(y, weights)
+
+
+_REGISTRY: dict[str, Dispatch] = {"dense": dense, "sorted": sorted_tiles, "ragged": ragged,
+                                  "capacity": capacity}
+_OPTIONS = {"sorted": ("tile",), "capacity": ("capacity_factor",)}
 
 
 def register(name: str, fn: Dispatch) -> None:
     """Makes a dispatch implementation selectable by name (config field `dispatch`)."""
     _REGISTRY[name] = fn
+    get.cache_clear()
 
 
-def get(name: str) -> Dispatch:
-    """The dispatch called `name`; 'auto' is the fastest exact one for the default backend."""
+def names() -> list[str]:
+    """Every accepted name, 'auto' first."""
+    return ["auto", *_REGISTRY]
+
+
+@functools.cache
+def get(name: str, **options: float) -> Dispatch:
+    """The dispatch called `name`; 'auto' is the fastest exact one for the default backend.
+
+    Options bind keyword arguments: `tile` (sorted), `capacity_factor` (capacity). Cached, so
+    equal requests return the same object (a model's dispatch is static graph data).
+    """
     if name == "auto":
-        name = "dense"
+        name = AUTO.get(jax.default_backend(), "sorted")
     if name not in _REGISTRY:
-        raise ValueError(f"dispatch must be one of {['auto', *_REGISTRY]}, got {name!r}")
-    return _REGISTRY[name]
+        raise ValueError(f"dispatch must be one of {names()}, got {name!r}")
+    allowed = _OPTIONS.get(name, ())
+    if set(options) - set(allowed):
+        raise ValueError(f"dispatch {name!r} takes options {list(allowed)}, got {sorted(options)}")
+    for option, value in options.items():
+        if not value > 0:
+            raise ValueError(f"{option} must be > 0, got {value!r}")
+    return functools.partial(_REGISTRY[name], **options) if options else _REGISTRY[name]

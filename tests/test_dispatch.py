@@ -1,0 +1,127 @@
+"""Every dispatch computes the dense function (outputs and gradients); capacity drops the overflow."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mssp_jax import dispatch
+
+SHAPES = [  # (T, N, Ne, M, K)
+    (24, 8, 4, 4, 2),
+    (16, 8, 4, 4, 4),  # K = M: soft routing
+    (20, 8, 6, 8, 1),  # K = 1
+    (40, 16, 8, 16, 3),
+]
+EXACT = ["sorted", "ragged", "capacity"]
+
+
+def problem(t, n, ne, m, k, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (t, n))
+    w_up = jax.random.normal(keys[1], (m, n, ne)) / np.sqrt(n)
+    w_down = jax.random.normal(keys[2], (m, ne, n)) / np.sqrt(ne)
+    _, idx = jax.lax.top_k(jax.random.normal(keys[3], (t, m)), k)
+    weights = jax.nn.sigmoid(jax.random.normal(keys[4], (t, k)))
+    return x, w_up, w_down, idx.astype(jnp.int32), weights
+
+
+def outputs_and_grads(fn, x, w_up, w_down, idx, weights):
+    """fn's outputs and the gradients of sum(sin(outputs)), in one compiled program."""
+
+    def both(x, w_up, w_down, weights):
+        out, pullback = jax.vjp(lambda *a: fn(*a[:3], idx, a[3], jax.nn.gelu), x, w_up, w_down,
+                                weights)
+        return out, pullback(jnp.cos(out))
+
+    return jax.jit(both)(x, w_up, w_down, weights)
+
+
+def apply(fn, x, w_up, w_down, idx, weights):
+    return jax.jit(fn, static_argnums=5)(x, w_up, w_down, idx, weights, jax.nn.gelu)
+
+
+@functools.cache
+def dense_reference(shape):
+    return outputs_and_grads(dispatch.dense, *problem(*shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", EXACT)
+def test_matches_dense_outputs_and_grads(name, shape):
+    args = problem(*shape)
+    num_experts = shape[3]
+    # capacity_factor = M gives every expert room for all T*K slots: nothing is dropped
+    options = {"capacity_factor": float(num_experts)} if name == "capacity" else {}
+    want = dense_reference(shape)
+    got = outputs_and_grads(dispatch.get(name, **options), *args)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("tile", [1, 3, 64])
+def test_sorted_is_exact_for_any_tile(tile):
+    args = problem(*SHAPES[0])
+    want = dense_reference(SHAPES[0])
+    got = outputs_and_grads(functools.partial(dispatch.sorted_tiles, tile=tile), *args)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+def test_sort_fallback_for_huge_keys_agrees(monkeypatch):
+    idx = problem(*SHAPES[3])[3]
+    packed = dispatch.group_slots(idx, 16)
+    monkeypatch.setattr(dispatch, "PACKED_SORT_LIMIT", 0)
+    for a, b in zip(packed, dispatch.group_slots(idx, 16)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_capacity_drops_exactly_the_overflow():
+    """All tokens pick expert 0 first: with capacity C only the first C tokens (in order) keep their
+    first choice; second choices, spread over experts, are all within capacity."""
+    t, n, ne, m = 12, 8, 4, 4
+    x, w_up, w_down, _, _ = problem(t, n, ne, m, 2)
+    second = 1 + jnp.arange(t) % (m - 1)  # experts 1..3, 4 tokens each
+    idx = jnp.stack([jnp.zeros(t, jnp.int32), second.astype(jnp.int32)], axis=1)
+    weights = jnp.full((t, 2), 0.5)
+    factor = 1.0  # capacity ceil(1.0 * 24 / 4) = 6 slots per expert
+    cap = dispatch.capacity_per_expert(t * 2, m, factor)
+    assert cap == 6
+    got = apply(dispatch.get("capacity", capacity_factor=factor), x, w_up, w_down, idx, weights)
+    kept = weights.at[cap:, 0].set(0.0)  # tokens 6.. lose their first choice
+    np.testing.assert_allclose(got, apply(dispatch.dense, x, w_up, w_down, idx, kept),
+                               rtol=2e-5, atol=2e-5)
+    assert not np.allclose(got, apply(dispatch.dense, x, w_up, w_down, idx, weights))
+
+
+def test_capacity_priority_is_first_choices_first():
+    """Expert 0 is token 1's first choice and token 0's second: with room for one slot, the
+    first choice wins although token 0 comes first."""
+    x, w_up, w_down, _, _ = problem(2, 8, 4, 2, 2)
+    idx = jnp.array([[1, 0], [0, 1]], jnp.int32)
+    weights = jnp.ones((2, 2))
+    got = apply(dispatch.get("capacity", capacity_factor=0.5), x, w_up, w_down, idx, weights)
+    want = apply(dispatch.dense, x, w_up, w_down, idx, jnp.array([[1.0, 0.0], [1.0, 0.0]]))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_is_an_exact_registered_dispatch():
+    assert dispatch.get("auto") is dispatch.get(dispatch.AUTO[jax.default_backend()])
+    assert dispatch.AUTO[jax.default_backend()] != "capacity"
+
+
+def test_get_errors_name_the_allowed_values():
+    with pytest.raises(ValueError, match=r"dispatch must be one of \['auto', 'dense'.*'nope'"):
+        dispatch.get("nope")
+    with pytest.raises(ValueError, match=r"takes options \['capacity_factor'\].*\['tile'\]"):
+        dispatch.get("capacity", tile=4)
+    with pytest.raises(ValueError, match=r"capacity_factor must be > 0"):
+        dispatch.get("capacity", capacity_factor=0.0)
+
+
+def test_get_returns_the_same_object_for_the_same_options():
+    """Models built from equal configs get equal (static) dispatch attributes."""
+    assert dispatch.get("capacity", capacity_factor=2.0) is dispatch.get("capacity",
+                                                                         capacity_factor=2.0)
