@@ -13,8 +13,8 @@ modules (TFDS, orbax) load when imported themselves. The per-parameter table is 
 
 # Shapes and parameterizations.
 from mssp_jax.presets import PRESETS, REGIMES, ROLES  # preset tables by name; regimes I-III; roles
-from mssp_jax.scaling import ConfigError  # bad user input; the message names field and allowed values
-from mssp_jax.scaling import Scaling  # a parameterization resolved at (base, shape, regime, optimizer)
+from mssp_jax.scaling import ConfigError  # bad input; the message names field, allowed values
+from mssp_jax.scaling import Scaling  # a parameterization resolved at one base, shape, regime
 from mssp_jax.scaling import Shape  # the five size knobs N, Ne, M, K, L
 from mssp_jax.scaling import make_scaling  # preset name or table + base + shape -> Scaling
 

@@ -187,8 +187,9 @@ def label(params: Any, patterns: Mapping[str, Rule] | None = None) -> Any:
     for path, leaf in flat:
         name = jax.tree_util.keystr(path, simple=True, separator="/")
         value, meta = _stated(leaf)
-        sources = [(f"with_role({meta['role']!r})", meta["role"], meta.get(SIZE_AXES_KEY))
-                   ] if meta.get("role") is not None else []
+        sources = []  # (what labelled it, role, axes): a wrapper's metadata and/or patterns
+        if (stated := meta.get("role")) is not None:
+            sources.append((f"role metadata {stated!r}", stated, meta.get(SIZE_AXES_KEY)))
         for pattern, (role, axes) in rules.items():
             if fnmatch.fnmatchcase(name, pattern):
                 used.add(pattern)

@@ -31,7 +31,8 @@ def test_guide_runs_and_its_claims_hold():
     model, scaling = guide["model"], guide["scaling"]
     assert scaling.regime == "II"
     wo = np.asarray(model.wo[...])  # expert_down: fan_in^-1/2 * sqrt(M) under MSSP regime II
-    np.testing.assert_allclose(wo.std(), scaling.shape.Ne ** -0.5 * scaling.shape.M ** 0.5, rtol=0.1)
+    expected_std = scaling.shape.Ne ** -0.5 * scaling.shape.M ** 0.5
+    np.testing.assert_allclose(wo.std(), expected_std, rtol=0.1)
     # The readout starts at zero and then moves by at most ~lr * lr_scale per Adam step.
     steps, head = len(guide["losses"]), np.abs(np.asarray(model.head.kernel[...]))
     assert 0 < head.max() <= 1.5 * steps * 1e-2 * scaling.lr_scale("readout")

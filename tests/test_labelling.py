@@ -139,13 +139,15 @@ def test_linen_scanned_layers_get_a_layers_axis_outside_fan_in():
 def test_nnx_stacked_layers_and_pattern_axes():
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=labelling.NNX_STACKED_LAYERS)
     def stack(key):
-        return nnx.Linear(8, 4, use_bias=False, rngs=nnx.Rngs(key),
-                          kernel_init=labelling.with_role(nnx.initializers.lecun_normal(), "router"))
+        init = labelling.with_role(nnx.initializers.lecun_normal(), "router")
+        return nnx.Linear(8, 4, use_bias=False, rngs=nnx.Rngs(key), kernel_init=init)
 
     router = nnx.eval_shape(lambda: stack(jax.random.split(jax.random.key(0), 3)))
     labelled = labelling.label(router)
     assert labelled["kernel"].size_axes == ("layers", "in", "out")
     assert labelled["kernel"].fan_in == 8
+    with pytest.raises(ConfigError, match="kernel: role metadata 'router', 'ker\\*'"):
+        labelling.label(router, {"ker*": "router"})  # wrapper and pattern: labelled twice
     # The same layout stated by a pattern, for a tree that has no wrapper metadata.
     plain = {"layers": {"router": jnp.zeros((3, 8, 4))}}
     by_pattern = labelling.label(plain, {"*/router": ("router", ("layers", "in", "out"))})
@@ -162,7 +164,8 @@ def test_reinit_samples_the_mssp_inits():
                                       "attn_out": ("attn_out", ("in", "in", "out"))})
 
     shape_i = Shape(N=64, Ne=4, M=2, K=1)
-    fresh = labelling.reinit(labelled_tree(shape_i), make_scaling("mssp", BASE, shape_i), jax.random.key(1))
+    fresh = labelling.reinit(labelled_tree(shape_i), make_scaling("mssp", BASE, shape_i),
+                             jax.random.key(1))
     assert not np.any(fresh["router"])
     np.testing.assert_allclose(np.std(fresh["attn_out"]), 256 ** -0.5, rtol=0.05)
 
