@@ -2,9 +2,8 @@
 
 * ``teacher``: a fixed random two-layer teacher labels Gaussian inputs (argmax of its logits).
   Synthetic but deterministic and unlimited, so online training never repeats a sample and
-  every width sees exactly the same stream.
-* ``shakespeare_bytes``: byte windows of the pipeline's Shakespeare corpus (`mssp_jax.data`),
-  for the Transformer-MoE.
+  every width sees exactly the same stream. (The pipeline's UCI digits set has 1,797 samples,
+  fewer than one online pass of the sweeps needs.)
 """
 
 from __future__ import annotations
@@ -14,12 +13,12 @@ from typing import Any
 import numpy as np
 
 Split = dict[str, np.ndarray]
-TASKS = ("teacher", "shakespeare_bytes")
+TASKS = ("teacher",)
 
 
 def teacher(input_dim: int, num_classes: int, rows: int, seed: int = 0,
             hidden: int = 64) -> Split:
-    """`rows` samples x ~ N(0, I/input_dim)-scaled to unit rms, labelled by a GELU teacher."""
+    """`rows` samples x ~ N(0, I) labelled by the argmax of a random GELU teacher."""
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((input_dim, hidden)) / np.sqrt(input_dim)
     w2 = rng.standard_normal((hidden, num_classes)) / np.sqrt(hidden)
@@ -29,16 +28,6 @@ def teacher(input_dim: int, num_classes: int, rows: int, seed: int = 0,
     return {"inputs": x, "targets": np.argmax(gelu @ w2, -1).astype(np.int32)}
 
 
-def shakespeare_bytes(rows: int, seq_len: int, offset: int) -> Split:
-    """`rows` consecutive next-byte windows of the corpus starting at byte `offset`."""
-    from mssp_jax import data  # the pipeline's corpus; imported lazily (optional for MLP runs)
-
-    corpus = np.frombuffer(data.shakespeare_bytes(), np.uint8).astype(np.int32)
-    starts = (offset + np.arange(rows) * seq_len) % (len(corpus) - seq_len - 1)
-    windows = np.stack([corpus[s: s + seq_len + 1] for s in starts])
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
-
-
 def load(config: Any) -> dict[str, Split]:
     """{'train': steps * batch_size rows, 'eval': config.eval_size rows} for `config.task`."""
     n_train, n_eval = config.steps * config.batch_size, config.eval_size
@@ -46,8 +35,4 @@ def load(config: Any) -> dict[str, Split]:
         rows = teacher(config.input_dim, config.num_classes, n_train + n_eval, config.data_seed)
         return {"train": {k: v[:n_train] for k, v in rows.items()},
                 "eval": {k: v[n_train:] for k, v in rows.items()}}
-    if config.task == "shakespeare_bytes":
-        held_out = n_train * config.seq_len
-        return {"train": shakespeare_bytes(n_train, config.seq_len, 0),
-                "eval": shakespeare_bytes(n_eval, config.seq_len, held_out)}
     raise ValueError(f"task must be one of {list(TASKS)}, got {config.task!r}")

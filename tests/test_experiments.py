@@ -1,0 +1,103 @@
+"""Experiments: vmapped LR training, the resumable quick sweep, the quick coordinate check."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import sweeps_coord_check, sweeps_mlp_moe
+from experiments import coord_check, sweep, tasks
+from mssp_jax import factory, vmap_train
+
+
+def quick(module, regime: str = "II"):
+    config = module.get_config(f"regime={regime}")
+    config.quick = True
+    return sweep.prepare(config)
+
+
+def test_fit_exponent_recovers_power_laws():
+    ratios = [1, 2, 4, 8]
+    for exponent in (-1.0, -0.5, 0.0, 0.5, 2.0):
+        values = [3.7 * r**exponent for r in ratios]
+        assert coord_check.fit_exponent(ratios, values) == pytest.approx(exponent, abs=1e-9)
+    assert np.isnan(coord_check.fit_exponent(ratios, [1.0, 0.0, 1.0, 1.0]))
+
+
+def test_vmapped_lrs_equal_sequential_runs():
+    config = sweep.cell_config(quick(sweeps_mlp_moe), sweep.Cell("lr", "II", "adam", "mup", 2))
+    data = tasks.load(config)
+    both = vmap_train.train_lrs(config, [3e-3, 3e-2], [0, 1], data)
+    for i, lr in enumerate([3e-3, 3e-2]):
+        one = vmap_train.train_lrs(config, [lr], [0, 1], data)
+        np.testing.assert_allclose(both.train_loss[i], one.train_loss[0], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(both.eval_loss[i], one.eval_loss[0], rtol=2e-5, atol=1e-6)
+    assert not np.allclose(both.eval_loss[0], both.eval_loss[1])  # the LR matters
+    assert both.train_loss.shape == (2, 2, config.steps)
+
+
+def _cells(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "cells")))
+
+
+def test_quick_sweep_resumes_records_divergence_and_plots(tmp_path):
+    config = sweeps_mlp_moe.get_config("regime=II")
+    config.quick = True
+    config.sweep.max_cells = 2  # stands for a sweep killed after two cells
+    workdir = str(tmp_path)
+    first = sweep.run_sweep(config, workdir)
+    assert len(first["ran"]) == 2 and first["skipped"] == []
+    # a writer killed mid-cell leaves only a .tmp file: that cell must run again
+    plan = [c.key for c in sweep.plan(sweep.prepare(config))]
+    with open(os.path.join(workdir, "cells", f"{plan[2]}.json.tmp"), "w") as f:
+        f.write('{"trunc')
+    config.sweep.max_cells = 0
+    second = sweep.run_sweep(config, workdir)
+    assert second["skipped"] == first["ran"]
+    assert second["ran"] == plan[2:]
+    assert sweep.main(config, workdir) == 0  # everything finished: only summarises and plots
+    assert sweep.run_sweep(config, workdir)["ran"] == []
+
+    record = sweep.load_cell(workdir, sweep.Cell("lr", "II", "adam", "mssp", 2))
+    by_lr = {r["lr"]: r for r in record["runs"]}
+    assert by_lr[1e30]["diverged"] and by_lr[1e30]["eval_loss"] is None
+    assert not by_lr[1e-2]["diverged"] and np.isfinite(by_lr[1e-2]["eval_loss"])
+    with open(os.path.join(workdir, "summary_II.json")) as f:
+        summary = json.load(f)
+    fam = summary["adam"]["mssp"]
+    assert fam["opt_lr"] == [1e-2, 1e-2] and fam["diverged"][0] == [0, 1]
+    assert fam["best_loss"][1] == pytest.approx(by_lr[1e-2]["eval_loss"])
+    for name in ("loss_vs_lr_II", "loss_vs_scale_II", "early_II"):
+        assert os.path.getsize(os.path.join(workdir, "figures", f"{name}.png")) > 10_000
+
+
+def test_coord_check_forward_matches_model():
+    config = sweep.cell_config(quick(sweeps_coord_check, "III"),
+                               sweep.Cell("coord", "III", "adam", "mssp", 2))
+    scaling = factory.validate(config)
+    model = factory.build_model(config, nnx.Rngs(0), scaling)
+    x = jnp.asarray(tasks.load(config)["eval"]["inputs"])
+    terms = coord_check.forward_terms(nnx.pure(nnx.state(model, nnx.Param)), x, scaling,
+                                      scaling.shape.K, False)
+    np.testing.assert_allclose(terms["out"], model(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_quick_coord_check_writes_exponents_and_figures(tmp_path):
+    config = sweeps_coord_check.get_config("regime=III")
+    config.quick = True
+    assert coord_check.main(config, str(tmp_path)) == 0
+    with open(tmp_path / "coord_check_III.json") as f:
+        out = json.load(f)["results"]
+    assert set(out) == {"mssp"}
+    step0, step2 = out["mssp"]["steps"]["0"], out["mssp"]["steps"]["2"]
+    assert step0["h_agg/effective"]["values"] == [0.0, 0.0]  # nothing has moved at step 0
+    assert all(v > 0 for v in step2["h_agg/effective"]["values"])
+    assert np.isfinite(step2["router/logit_rms"]["exponent"])
+    for name in ("coord_exponents_III", "coord_vs_width_III"):
+        assert os.path.getsize(tmp_path / "figures" / f"{name}.png") > 10_000
