@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 100
+SMOOTH = 5  # steps averaged in the early-training curves (fresh batches of 16 are noisy)
 PARAM_STYLE = {"sp": "o-", "mup": "s-", "mssp": "D-", "mup_global_eps": "v--", "jiang": "^:"}
 
 
@@ -58,6 +59,7 @@ def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
             if c == 0:
                 ax.set_ylabel("final eval loss")
             ax.legend(fontsize=7, title="scale", title_fontsize=7)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -94,11 +96,12 @@ def early_curves(records: list[dict[str, Any]], table: dict[str, Any], regime: s
                            and r["cell"]["parameterization"] == param),
                           key=lambda r: r["cell"]["scale"])
             for colour, rec in zip(scale_colours(len(recs)), recs):
-                curves = [_nan(r["early"]) for r in rec["runs"] if r["lr"] == lr]
-                ax.plot(np.arange(1, len(curves[0]) + 1), np.mean(curves, 0), style, color=colour,
+                curve = np.mean([_nan(r["early"]) for r in rec["runs"] if r["lr"] == lr], 0)
+                smooth = np.convolve(curve, np.ones(SMOOTH) / SMOOTH, mode="valid")
+                ax.plot(np.arange(SMOOTH, len(curve) + 1), smooth, style, color=colour,
                         label=f"{param} x{rec['cell']['scale']}")
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (fresh batches)")
+        ax.set_ylabel(f"training loss ({SMOOTH}-step mean)")
         ax.set_title(f"early training, {opt}, regime {regime}")
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
