@@ -6,7 +6,7 @@ function with the same gradients (tested). They differ in cost:
 
 * `dense`: every expert on every token, masked by the gates; cost ~ M/K x the active FLOPs.
 * `sorted`: the T*K token-slots grouped by expert (a sort), each group padded to whole tiles of
-  `tile` rows, one batched matmul over the tiles; cost ~ (T*K + M*tile) rows, i.e. the active
+  `tile` rows (`default_tile`), one batched matmul over the tiles; cost ~ (T*K + M*tile) rows, i.e. the active
   FLOPs plus the padding. The worst-case tile count is static, so it jits.
 * `ragged`: the sorted slots through `jax.lax.ragged_dot` (grouped GEMM). Efficient where the
   backend has a grouped-GEMM kernel (GPU/TPU); XLA:CPU lowers it to work on every expert.
@@ -26,11 +26,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dispatch = Callable[..., jax.Array]
 Activation = Callable[[jax.Array], jax.Array]
 
-DEFAULT_TILE = 8  # rows per tile of `sorted`: the best of 8/16/32/64 on 2 CPU cores (BENCHMARKS.md)
 DEFAULT_CAPACITY_FACTOR = 1.25  # GShard / Switch default
 AUTO = {"cpu": "sorted", "gpu": "ragged", "tpu": "ragged"}  # fastest exact dispatch per backend
 PACKED_SORT_LIMIT = 2**31  # (expert, slot) packed in one int32 sort key below this many keys
@@ -98,10 +98,18 @@ def num_tiles(num_slots: int, num_experts: int, tile: int) -> int:
     return min((num_slots + num_experts * (tile - 1)) // tile, num_slots)
 
 
+def default_tile(num_slots: int, num_experts: int) -> int:
+    """The power of two nearest T*K / (2M), within [8, 128]: padding then adds at most ~half the
+    slots, and tiles stay large enough for efficient matmuls (measured on CPU: with T*K = 4096,
+    tiles of 64-128 rows were fastest at M = 8 and of 32 at M = 64; 8-row tiles were 4-8x slower)."""
+    return int(2 ** np.clip(np.round(np.log2(max(num_slots / (2 * num_experts), 1))), 3, 7))
+
+
 def sorted_tiles(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array,
-                 weights: jax.Array, act: Activation, tile: int = DEFAULT_TILE) -> jax.Array:
+                 weights: jax.Array, act: Activation, tile: int | None = None) -> jax.Array:
     """Grouped matmul over fixed-size tiles: each expert's slots padded to whole tiles."""
     num_experts = w_up.shape[0]
+    tile = tile or default_tile(idx.size, num_experts)
     slots = group_slots(idx, num_experts)
     tiles = -(-slots.sizes // tile)  # ceil
     tile_start = jnp.cumsum(tiles) - tiles
