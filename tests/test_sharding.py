@@ -86,8 +86,9 @@ def assert_close(state, ref):
 def test_meshes_train_identically(name):
     ref, losses = reference()
     state, mesh_losses = run(name)
-    moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), ref["params"], initial_state()["params"])
-    assert min(jax.tree.leaves(moved)) > 10 * PARAM_ATOL  # every parameter trained past the tolerance
+    moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), ref["params"],
+                         initial_state()["params"])
+    assert min(jax.tree.leaves(moved)) > 10 * PARAM_ATOL  # every parameter moved past the tolerance
     np.testing.assert_allclose(mesh_losses, losses, rtol=LOSS_RTOL)
     assert_close(state, ref)
 
