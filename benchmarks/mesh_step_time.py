@@ -55,7 +55,8 @@ def main() -> None:
             run[0] = state
     single = min(runs["1 device"][2])
     result = {name: {"ms_per_step": round(1e3 * min(t), 2),
-                     "ratio_to_1_device": round(min(t) / single, 3)} for name, (_, _, t) in runs.items()}
+                     "ratio_to_1_device": round(min(t) / single, 3)}
+              for name, (_, _, t) in runs.items()}
     print(json.dumps({"devices": jax.device_count(), "backend": jax.default_backend(),
                       "shape": base.shape.to_dict(), "batch": [base.batch_size, base.seq_len],
                       "steps_x_rounds": [args.steps, args.rounds], "best_of_rounds": result},
