@@ -35,7 +35,8 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.regime = regime  # 'I' | 'II' | 'III' | 'auto' (inferred from which ratios differ from 1)
     c.depth_scaling = ""  # '' (the preset's default) | 'none' | 'depth_mup' | 'completep'
     c.renormalize_gates = False
-    c.dispatch = "auto"
+    c.dispatch = "auto"  # 'auto' | 'dense' | 'sorted' | 'ragged' | 'capacity' (mssp_jax/dispatch.py)
+    c.capacity_factor = 1.25  # dispatch='capacity' only: slots per expert = factor * T*K / M
     c.optimizer = ml_collections.ConfigDict(dict(
         name=optimizer, learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
         weight_decay=0.0, grad_clip=0.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.1))

@@ -4,7 +4,7 @@ Config layout (see configs/*.py): ``model`` ('mlp_moe' | 'transformer_moe'), ``s
 ``base_shape`` (width, expert_width, num_experts, top_k, depth), ``parameterization`` (preset name
 or a table), ``regime``, ``depth_scaling``, ``optimizer`` (name, learning_rate, ...), and the model
 fields (input_dim/num_classes or vocab_size/head_dim/moe_every/ffn_width, renormalize_gates,
-dispatch).
+dispatch, capacity_factor).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import optax
 from flax import nnx
 
+from mssp_jax import dispatch as dispatch_lib
 from mssp_jax import optim
 from mssp_jax.models import MLPMoE, TransformerMoE
 from mssp_jax.scaling import ConfigError, Scaling, Shape, make_scaling
@@ -69,7 +70,7 @@ def build_model(config: Any, rngs: nnx.Rngs, scaling: Scaling | None = None) -> 
     """The model named by `config.model`, initialised by `scaling` (default: from config)."""
     scaling = scaling or validate(config)
     common = dict(rngs=rngs, renormalize=config.get("renormalize_gates", False),
-                  dispatch=config.get("dispatch", "auto"))
+                  dispatch=dispatch_lib.from_config(config))
     if config.model == "mlp_moe":
         return MLPMoE(config.input_dim, config.num_classes, scaling, **common)
     return TransformerMoE(config.vocab_size, scaling, head_dim=config.head_dim,
