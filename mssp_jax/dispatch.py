@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +184,12 @@ def get(name: str, **options: float) -> Dispatch:
         if not value > 0:
             raise ValueError(f"{option} must be > 0, got {value!r}")
     return functools.partial(_REGISTRY[name], **options) if options else _REGISTRY[name]
+
+
+def from_config(config: Any) -> Dispatch:
+    """The dispatch named by `config.dispatch` (default 'auto'), with `config.capacity_factor`
+    bound when it is 'capacity'."""
+    name = config.get("dispatch", "auto")
+    if name != "capacity":
+        return get(name)
+    return get(name, capacity_factor=float(config.get("capacity_factor", DEFAULT_CAPACITY_FACTOR)))

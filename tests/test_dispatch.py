@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from mssp_jax import dispatch
+from configs import mlp_moe
+from mssp_jax import dispatch, factory
 
 SHAPES = [  # (T, N, Ne, M, K)
     (24, 8, 4, 4, 2),
@@ -125,3 +127,12 @@ def test_get_returns_the_same_object_for_the_same_options():
     """Models built from equal configs get equal (static) dispatch attributes."""
     assert dispatch.get("capacity", capacity_factor=2.0) is dispatch.get("capacity",
                                                                          capacity_factor=2.0)
+
+
+def test_config_selects_dispatch_and_capacity_factor():
+    config = mlp_moe.get_config()
+    config.dispatch, config.capacity_factor = "capacity", 2.0
+    model = factory.build_model(config, nnx.Rngs(0))
+    assert model.moe.dispatch is dispatch.get("capacity", capacity_factor=2.0)
+    config.dispatch = "sorted"
+    assert factory.build_model(config, nnx.Rngs(0)).moe.dispatch is dispatch.sorted_tiles
