@@ -97,8 +97,9 @@ def early_curves(records: list[dict[str, Any]], table: dict[str, Any], regime: s
                           key=lambda r: r["cell"]["scale"])
             for colour, rec in zip(scale_colours(len(recs)), recs):
                 curve = np.mean([_nan(r["early"]) for r in rec["runs"] if r["lr"] == lr], 0)
-                smooth = np.convolve(curve, np.ones(SMOOTH) / SMOOTH, mode="valid")
-                ax.plot(np.arange(SMOOTH, len(curve) + 1), smooth, style, color=colour,
+                window = min(SMOOTH, len(curve))
+                smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+                ax.plot(np.arange(window, len(curve) + 1), smooth, style, color=colour,
                         label=f"{param} x{rec['cell']['scale']}")
         ax.set_xlabel("step")
         ax.set_ylabel(f"training loss ({SMOOTH}-step mean)")
