@@ -36,7 +36,8 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.depth_scaling = ""  # '' (the preset's default) | 'none' | 'depth_mup' | 'completep'
     c.renormalize_gates = False
     c.dispatch = "auto"  # 'auto' | 'dense' | 'sorted' | 'ragged' | 'capacity' (mssp_jax/dispatch.py)
-    c.capacity_factor = 1.25  # dispatch='capacity' only: slots per expert = factor * T*K / M
+    # dispatch='capacity' only (also on expert meshes): slots per expert = factor * T*K / M
+    c.capacity_factor = 1.25
     c.optimizer = ml_collections.ConfigDict(dict(
         name=optimizer, learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
         weight_decay=0.0, grad_clip=0.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.1))
@@ -51,8 +52,7 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.keep_checkpoints = 2
     c.log_every = 10
     # Device mesh (mssp_jax/sharding.py, docs/SCALING_OUT.md): axis sizes, -1 = remaining devices;
-    # capacity_factor: expert-parallel buffer rows per expert (0 = dropless).
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1, capacity_factor=0.0))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
     # Multi-host: jax.distributed.initialize() first; empty fields are auto-detected.
     c.distributed = ml_collections.ConfigDict(dict(initialize=False, coordinator_address="",
                                                    num_processes=0, process_id=-1))

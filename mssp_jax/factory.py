@@ -60,9 +60,8 @@ def validate(config: Any) -> Scaling:
         head_dim, width = config.head_dim, scaling.shape.N
         if head_dim <= 0 or width % head_dim:
             raise ConfigError(f"shape.width ({width}) must be divisible by head_dim ({head_dim})")
-    if config.get("dispatch", "auto") not in ("auto", "dense", "sorted", "capacity", "ragged"):
-        raise ConfigError("dispatch must be one of ['auto', 'dense', 'sorted', 'capacity', "
-                          f"'ragged'], got {config.dispatch!r}")
+    if config.get("dispatch", "auto") not in dispatch_lib.names():
+        raise ConfigError(f"dispatch must be one of {dispatch_lib.names()}, got {config.dispatch!r}")
     return scaling
 
 

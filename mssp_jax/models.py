@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mssp_jax.dispatch import Dispatch
 from mssp_jax.moe import MoE, Routing
 from mssp_jax.params import labelled_param
 from mssp_jax.scaling import ConfigError, Scaling
@@ -46,7 +47,7 @@ class MLPMoE(nnx.Module):
     """The paper's MLP-MoE: W_in -> router + experts -> W_out."""
 
     def __init__(self, input_dim: int, output_dim: int, scaling: Scaling, *, rngs: nnx.Rngs,
-                 renormalize: bool = False, dispatch: str = "auto"):
+                 renormalize: bool = False, dispatch: str | Dispatch = "auto"):
         s = scaling.shape
         self.w_in = Linear(input_dim, s.N, "input", ("input", "embed"), scaling, rngs=rngs)
         self.moe = MoE(s.N, s.Ne, s.M, s.K, scaling, rngs=rngs, renormalize=renormalize,
@@ -107,7 +108,7 @@ class Block(nnx.Module):
     """x += Attn(norm x); x += FFN(norm x), FFN being the MoE layer or a dense FFN."""
 
     def __init__(self, scaling: Scaling, head_dim: int, use_moe: bool, ffn_width: int, *,
-                 rngs: nnx.Rngs, renormalize: bool = False, dispatch: str = "auto"):
+                 rngs: nnx.Rngs, renormalize: bool = False, dispatch: str | Dispatch = "auto"):
         s = scaling.shape
         self.attn_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
         self.attn = Attention(s.N, head_dim, scaling, rngs=rngs)
@@ -126,7 +127,7 @@ class TransformerMoE(nnx.Module):
 
     def __init__(self, vocab_size: int, scaling: Scaling, *, rngs: nnx.Rngs, head_dim: int = 64,
                  moe_every: int = 1, ffn_width: int = 0, renormalize: bool = False,
-                 dispatch: str = "auto"):
+                 dispatch: str | Dispatch = "auto"):
         s = scaling.shape
         if moe_every < 1:
             raise ConfigError(f"moe_every must be >= 1 (1 = MoE in every block), got {moe_every}")

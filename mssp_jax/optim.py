@@ -50,12 +50,15 @@ def scale_by_tree(factors: Any) -> optax.GradientTransformation:
 
 def scale_by_role_adam(scaling: Scaling, params: Any, b1: float = 0.9, b2: float = 0.999,
                        eps: float = 1e-8) -> optax.GradientTransformation:
-    """Adam whose epsilon is ``eps * eps_scale(role)``: one `optax.scale_by_adam` per role."""
-    labels = _labels(params)
-    roles = sorted(set(jax.tree.leaves(labels)))
-    return optax.partition(
-        {role: optax.scale_by_adam(b1=b1, b2=b2, eps=eps * scaling.eps_scale(role)) for role in roles},
-        labels)
+    """Adam whose epsilon is ``eps * eps_scale(role)``, built on one `optax.scale_by_adam`.
+
+    Adam is invariant to rescaling a leaf's gradient except through eps: feeding it g / s gives
+    m / (sqrt(v) + eps * s) exactly. So dividing each leaf's gradient by its eps factor s before a
+    scalar-eps Adam is per-leaf eps, at the cost of one elementwise multiply (one Adam per role
+    inside `optax.partition` measured 2.2x slower). The stored moments are those of g / s.
+    """
+    inverse_eps = jax.tree.map(lambda role: 1.0 / scaling.eps_scale(role), _labels(params))
+    return optax.chain(scale_by_tree(inverse_eps), optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
 
 
 def decay_mask(params: Any) -> Any:

@@ -6,7 +6,7 @@ Mesh axes (config ``mesh.<axis>``, sizes; -1 = the remaining devices):
 * ``data``: pure data parallelism (batch split, parameters replicated);
 * ``fsdp``: batch split *and* parameters split on their ``embed`` dim (gathered per use, FSDP);
 * ``expert``: batch split and the stacked experts split on their ``expert`` dim; tokens reach their
-  experts by all_to_all (`mssp_jax.expert_parallel`, dropless unless ``mesh.capacity_factor``);
+  experts by all_to_all (`mssp_jax.expert_parallel`; dropless unless ``dispatch='capacity'``);
 * ``tensor``: attention heads, dense-FFN and expert hidden dims split (Megatron-style).
 
 The rules are data (`LOGICAL_RULES`), read by Flax's own `nnx.get_partition_spec`, so the role
@@ -192,7 +192,8 @@ def setup(config: Any, mesh: Mesh | None = None) -> Sharded:
     validate_mesh(config, dict(mesh.shape))
     model = nnx.eval_shape(lambda: factory.build_model(config, nnx.Rngs(config.seed),
                                                          program.scaling))
-    use_expert_parallel(model, mesh, (config.get("mesh") or {}).get("capacity_factor", 0.0))
+    dropless = config.get("dispatch", "auto") != "capacity"
+    use_expert_parallel(model, mesh, 0.0 if dropless else config.capacity_factor)
     graphdef, params = nnx.split(model, nnx.Param)
     program = dataclasses.replace(program, graphdef=graphdef)
     abstract = jax.eval_shape(lambda: train.init_state(program))
