@@ -147,6 +147,27 @@ def run(config: Any) -> dict[str, Any]:
     return results
 
 
+# The rows RESULTS.md reports: the aggregation's split, each role's updates, the router.
+TABLE_ROWS = ("h_agg/base", "h_agg/propagating", "h_agg/effective", "h_agg/cross", "h_agg/total",
+              *(f"{role}/{kind}" for role in ROLE_KERNELS
+                for kind in ("activation", "effective_update", "propagating_update")
+                if f"{role}/{kind}" != "input/propagating_update"),  # the data do not move
+              "router/logit_rms", "router/gate_entropy", "router/max_gate", "router/load_min")
+
+
+def format_table(results: dict[str, Any], steps: tuple[str, ...]) -> str:
+    """A Markdown table of exponents: one row per observable, one column per (param, step)."""
+    params = list(results)
+    cols = [(p, s) for p in params for s in steps]
+    lines = ["| observable | " + " | ".join(f"{p} @{s}" for p, s in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for name in TABLE_ROWS:
+        cells = [results[p]["steps"][s][name]["exponent"] for p, s in cols]
+        lines.append(f"| {name} | " + " | ".join("n/a" if np.isnan(x) else f"{x:+.2f}"
+                                                 for x in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(config: Any, workdir: str) -> int:
     """`python run.py coord_check --config configs/sweeps_coord_check.py:regime=II`."""
     results = run(config)
@@ -156,4 +177,6 @@ def main(config: Any, workdir: str) -> int:
                               "results": results})
     figures = plots.coord_figures(results, config.regime, os.path.join(workdir, "figures"))
     print(f"[coord_check] wrote {path} and {len(figures)} figures")
+    recorded = sorted(next(iter(results.values()))["steps"], key=int)
+    print(format_table(results, tuple(s for s in recorded if s != "0")))
     return 0

@@ -39,6 +39,8 @@ def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
     fig, axes = plt.subplots(len(opts), len(params), figsize=(3.0 * len(params), 2.6 * len(opts)),
                              squeeze=False, sharey="row")
     for r, opt in enumerate(opts):
+        row = np.concatenate([_nan(m) for f in table[opt].values() for m in f["mean_loss"]])
+        row = row[np.isfinite(row)]
         for c, param in enumerate(params):
             ax = axes[r, c]
             ax.set_xscale("log")
@@ -59,6 +61,9 @@ def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
             if c == 0:
                 ax.set_ylabel("final eval loss")
             ax.legend(fontsize=7, title="scale", title_fontsize=7)
+        if row.size:  # a few near-divergent points would squash the rest of the row
+            low, high = row.min(), np.percentile(row, 90)
+            axes[r, 0].set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -130,7 +135,7 @@ def coord_figures(results: dict[str, Any], regime: str, out: str) -> list[str]:
     first = results[params[0]]
     last = max(first["steps"], key=int)
     names = list(first["steps"][last])
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(names) * len(params)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(names)), 4.0))
     width = 0.8 / len(params)
     for i, param in enumerate(params):
         exps = [results[param]["steps"][last][n]["exponent"] for n in names]

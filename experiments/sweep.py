@@ -175,9 +175,14 @@ def finished(config: Any, workdir: str) -> list[dict[str, Any]]:
 
 
 def main(config: Any, workdir: str) -> int:
-    """`python run.py sweep --config configs/sweeps_*.py`: run, summarise, plot."""
-    status = run_sweep(config, workdir)
-    print(f"[sweep] ran {len(status['ran'])} cells, skipped {len(status['skipped'])} finished")
+    """`python run.py sweep --config configs/sweeps_*.py`: run, summarise, plot.
+
+    With ``--config.sweep.only_summarize=True`` nothing trains: the finished cells of the plan are
+    summarised and plotted (e.g. after sweeps that ran subsets of it into the same workdir).
+    """
+    if not config.sweep.get("only_summarize", False):
+        status = run_sweep(config, workdir)
+        print(f"[sweep] ran {len(status['ran'])} cells, skipped {len(status['skipped'])} finished")
     records = finished(config, workdir)
     table = summary.summarize(records)
     write_atomic(os.path.join(workdir, f"summary_{config.regime}.json"), table)

@@ -4,6 +4,9 @@
   Synthetic but deterministic and unlimited, so online training never repeats a sample and
   every width sees exactly the same stream. (The pipeline's UCI digits set has 1,797 samples,
   fewer than one online pass of the sweeps needs.)
+* ``lm``: byte-level language modelling on the pipeline's text dataset (``config.data``, by
+  default the embedded Shakespeare corpus, `mssp_jax.data`): training windows in a fixed random
+  order (``data_seed``), each used once; eval windows from the validation split.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from mssp_jax import data as data_lib
+
 Split = dict[str, np.ndarray]
-TASKS = ("teacher",)
+TASKS = ("teacher", "lm")
 
 
 def teacher(input_dim: int, num_classes: int, rows: int, seed: int = 0,
@@ -35,4 +40,17 @@ def load(config: Any) -> dict[str, Split]:
         rows = teacher(config.input_dim, config.num_classes, n_train + n_eval, config.data_seed)
         return {"train": {k: v[:n_train] for k, v in rows.items()},
                 "eval": {k: v[n_train:] for k, v in rows.items()}}
+    if config.task == "lm":
+        return {"train": text_windows(config, config.data.train_split, n_train),
+                "eval": text_windows(config, config.data.eval_split, n_eval)}
     raise ValueError(f"task must be one of {list(TASKS)}, got {config.task!r}")
+
+
+def text_windows(config: Any, split: str, rows: int) -> Split:
+    """`rows` distinct windows of `split`, drawn in an order fixed by ``config.data_seed``."""
+    examples = data_lib.load(config, split)
+    if rows > examples.num:
+        raise ValueError(f"{split!r} has {examples.num} windows of seq_len {config.seq_len}; "
+                         f"{rows} are needed (steps * batch_size or eval_size)")
+    order = np.random.default_rng(config.data_seed).permutation(examples.num)[:rows]
+    return examples.take(order)

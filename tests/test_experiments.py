@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import sweeps_coord_check, sweeps_mlp_moe
+from configs import sweeps_coord_check, sweeps_mlp_moe, sweeps_transformer_moe
 from experiments import coord_check, sweep, tasks
 from mssp_jax import factory, vmap_train
 
@@ -101,3 +101,30 @@ def test_quick_coord_check_writes_exponents_and_figures(tmp_path):
     assert np.isfinite(step2["router/logit_rms"]["exponent"])
     for name in ("coord_exponents_III", "coord_vs_width_III"):
         assert os.path.getsize(tmp_path / "figures" / f"{name}.png") > 10_000
+
+
+def test_lm_task_windows_are_next_byte_pairs_each_used_once():
+    config = quick(sweeps_transformer_moe, "III")
+    data = tasks.load(config)
+    train, evalset = data["train"], data["eval"]
+    assert train["inputs"].shape == (config.steps * config.batch_size, config.seq_len)
+    assert evalset["inputs"].shape == (config.eval_size, config.seq_len)
+    np.testing.assert_array_equal(train["inputs"][:, 1:], train["targets"][:, :-1])
+    assert len({row.tobytes() for row in train["inputs"]}) == len(train["inputs"])
+    assert train["inputs"].max() < config.vocab_size
+
+
+def test_quick_transformer_sweep_trains_the_language_model(tmp_path):
+    config = sweeps_transformer_moe.get_config("regime=III")
+    config.quick = True
+    assert sweep.main(config, str(tmp_path)) == 0
+    record = sweep.load_cell(str(tmp_path), sweep.Cell("lr", "III", "adam", "mssp", 2))
+    assert record["shape"]["width"] == 32 and record["shape"]["num_experts"] == 8
+    by_lr = {r["lr"]: r for r in record["runs"]}
+    assert by_lr[1e30]["diverged"]
+    # zero-init readout (muP family): the byte-level cross-entropy starts at log(256), plus
+    # aux_loss_weight (0.01) x the Switch loss (~1 for a near-uniform router)
+    assert np.log(256) < by_lr[1e-2]["early"][0] < np.log(256) + 0.05
+    assert np.isfinite(by_lr[1e-2]["eval_loss"])
+    with open(tmp_path / "summary_III.json") as f:
+        assert json.load(f)["adam"]["mssp"]["opt_lr"] == [1e-2]
