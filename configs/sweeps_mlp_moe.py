@@ -22,6 +22,7 @@ def sweep_fields(*, scales, parameterizations, optimizers, seeds, lr_grids):
         scales=scales, parameterizations=parameterizations, optimizers=optimizers, seeds=seeds,
         lr_grids=lr_grids, early_steps=40,
         only_summarize=False,  # True: summarise/plot the finished cells, train nothing
+        merge_workdirs=(),  # workdirs of the same plan with other seeds: their runs are merged
         # Multiplier sweep at the base shape: each knob ([kind, roles...]) in `use` is set to each
         # of `factors` with the others at 1 (a one-at-a-time grid); every point runs the LR grid.
         multipliers=ml_collections.ConfigDict(dict(

@@ -169,9 +169,20 @@ def run_sweep(config: Any, workdir: str) -> dict[str, list[str]]:
 
 
 def finished(config: Any, workdir: str) -> list[dict[str, Any]]:
-    """The records of the finished LR cells of `config`'s plan."""
+    """The records of the finished LR cells of `config`'s plan, with the runs of the same cells in
+    `sweep.merge_workdirs` appended (sweeps of the same plan with other seeds, e.g. a third seed
+    run later into its own workdir)."""
     cells = [c for c in plan(prepare(config)) if c.kind == "lr"]
-    return [r for r in (load_cell(workdir, c) for c in cells) if r is not None]
+    records = []
+    for cell in cells:
+        record = load_cell(workdir, cell)
+        if record is None:
+            continue
+        for other in config.sweep.get("merge_workdirs", ()):
+            extra = load_cell(other, cell)
+            record["runs"] += extra["runs"] if extra is not None else []
+        records.append(record)
+    return records
 
 
 def main(config: Any, workdir: str) -> int:

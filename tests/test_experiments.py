@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import sweeps_coord_check, sweeps_mlp_moe, sweeps_transformer_moe
-from experiments import coord_check, sweep, tasks
+from experiments import coord_check, summary, sweep, tasks
 from mssp_jax import factory, vmap_train
 
 
@@ -128,3 +129,20 @@ def test_quick_transformer_sweep_trains_the_language_model(tmp_path):
     assert np.isfinite(by_lr[1e-2]["eval_loss"])
     with open(tmp_path / "summary_III.json") as f:
         assert json.load(f)["adam"]["mssp"]["opt_lr"] == [1e-2]
+
+
+def test_finished_merges_the_seeds_of_other_workdirs(tmp_path):
+    config = quick(sweeps_mlp_moe)
+    config.sweep.merge_workdirs = (str(tmp_path / "seed1"),)
+    cells = [c for c in sweep.plan(config) if c.kind == "lr"]
+    for seed, workdir in ((0, tmp_path), (1, tmp_path / "seed1")):
+        for cell in cells:
+            runs = [{"lr": lr, "seed": seed, "eval_loss": 1.0 + lr + seed, "diverged": False}
+                    for lr in (0.1, 0.2)]
+            sweep.write_atomic(sweep.cell_path(str(workdir), cell),
+                               {"cell": dataclasses.asdict(cell), "runs": runs})
+    records = sweep.finished(config, str(tmp_path))
+    assert len(records) == len(cells) and all(len(r["runs"]) == 4 for r in records)
+    fam = summary.summarize(records)["adam"]["mssp"]
+    assert fam["opt_lr"] == [0.1, 0.1]
+    assert fam["best_loss"][0] == pytest.approx(1.6) and fam["best_loss_std"][0] == pytest.approx(0.5)
