@@ -4,11 +4,14 @@ other command and Python block in it runs (the main job itself is run by .ci/run
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import shlex
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -29,27 +32,55 @@ def test_first_lines_are_the_two_commands_and_ci_runs_them():
     assert "python3 run.py" in ci  # the main job runs in CI on the embedded default
 
 
-def run_py_commands() -> list[str]:
-    return [line.strip() for block in blocks("bash")[1:] for line in block.splitlines()
-            if line.strip().startswith("python3 run.py")]
+# Run by tests/test_experiments.py through the same entry points (experiments.sweep.main,
+# experiments.coord_check.main) with the same quick configs; not run twice.
+RUN_ELSEWHERE = (" sweep ", " coord_check ")
 
 
-def test_every_describe_command_in_the_readme_runs():
-    commands = run_py_commands()
-    assert any("describe" in c for c in commands)
-    for command in commands:
-        if " describe " not in f" {command} ":
-            continue
-        args = shlex.split(command)[1:]
-        out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr
-        if "--json" in args:
-            rows = json.loads(out.stdout)
-            assert {"path", "role", "shape", "init_std", "multiplier", "lr_scale",
-                    "eps_scale"} <= set(rows[0])
-        else:
-            assert "parameterization=" in out.stdout and "expert_down" in out.stdout
+def command_blocks(include_run_elsewhere: bool = False) -> list[list[str]]:
+    """The README's `python3 run.py` command blocks after the first (which CI runs)."""
+    found = [[line.strip() for line in block.splitlines() if "python3 run.py" in line]
+             for block in blocks("bash")[1:]]
+    if not include_run_elsewhere:
+        found = [[c for c in b if not any(m in f" {c} " for m in RUN_ELSEWHERE)] for b in found]
+    return [b for b in found if b]
+
+
+def run(command: str) -> subprocess.CompletedProcess:
+    words = shlex.split(command)
+    env = dict(os.environ)
+    while "=" in words[0]:  # VAR=value prefixes
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    assert words[:2] == ["python3", "run.py"], command
+    return subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_readme_has_the_documented_commands():
+    commands = [c for block in command_blocks(include_run_elsewhere=True) for c in block]
+    for mode in ("describe", "train", "eval", "sweep", "coord_check"):
+        assert any(f"run.py {mode} " in c for c in commands), mode
+
+
+@pytest.mark.parametrize("index", range(len(command_blocks())))
+def test_every_readme_command_runs(index):
+    for command in command_blocks()[index]:  # in order: a block's later commands use its outputs
+        out = run(command)
+        assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+        args = shlex.split(command)
+        workdir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), None)
+        if "--workdir" in args:
+            workdir = args[args.index("--workdir") + 1]
+        if " describe " in f" {command} ":
+            if "--json" in args:
+                rows = json.loads(out.stdout)
+                assert {"path", "role", "shape", "init_std", "multiplier", "lr_scale",
+                        "eps_scale"} <= set(rows[0])
+            else:
+                assert "parameterization=" in out.stdout and "expert_down" in out.stdout
+        elif " train " in f" {command} ":
+            assert (pathlib.Path(workdir) / "metrics.jsonl").exists()
 
 
 def test_readme_python_block_builds_an_mssp_optimizer():
