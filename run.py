@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = ("train", "eval", "describe", "sweep", "coord_check")
@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     mode = argv[1] if len(argv) > 1 else "train"
     if mode not in MODES or len(argv) > 2:
         raise app.UsageError(f"usage: run.py [{'|'.join(MODES)}] --config <file> ...; got {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # backend probing and orbax log at INFO
     config = _CONFIG.value
     from mssp_jax.scaling import ConfigError
 
