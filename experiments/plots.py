@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,6 +45,7 @@ def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
         for c, param in enumerate(params):
             ax = axes[r, c]
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # < 1 decade: overlap
             ax.set_title(f"{param}, {opt}, regime {regime}", fontsize=9)
             fam = table[opt].get(param)
             if fam is None:
