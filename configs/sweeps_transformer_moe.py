@@ -11,7 +11,8 @@ from __future__ import annotations
 from configs import common, sweeps_mlp_moe, transformer_moe
 
 BASE = {"I": (32, 32, 4, 1), "II": (32, 8, 4, 1), "III": (32, 32, 4, 1)}
-LR_GRIDS = {"adam": tuple(2.0**e for e in range(-9, -3)), "sgd": tuple(2.0**e for e in range(-4, 2))}
+LR_GRIDS = {"adam": tuple(2.0**e for e in range(-9, -3)),
+            "sgd": tuple(2.0**e for e in range(-4, 2))}
 
 
 def get_config(arg: str | None = None):

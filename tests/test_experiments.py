@@ -145,4 +145,5 @@ def test_finished_merges_the_seeds_of_other_workdirs(tmp_path):
     assert len(records) == len(cells) and all(len(r["runs"]) == 4 for r in records)
     fam = summary.summarize(records)["adam"]["mssp"]
     assert fam["opt_lr"] == [0.1, 0.1]
-    assert fam["best_loss"][0] == pytest.approx(1.6) and fam["best_loss_std"][0] == pytest.approx(0.5)
+    assert fam["best_loss"][0] == pytest.approx(1.6)  # mean of seed 0 (1.1) and seed 1 (2.1)
+    assert fam["best_loss_std"][0] == pytest.approx(0.5)
