@@ -32,15 +32,25 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.base_shape = base_shape
     c.shape = ml_collections.ConfigDict(base_shape.to_dict())
     c.parameterization = parameterization  # a preset name (mssp_jax.presets.PRESETS) or a table
+    # 'ratio': the preset as is (every constant 1 at the base shape); 'paper': the preset as the
+    # authors' reference code has it, with its absolute constants (mssp_jax/paper.py)
+    c.constants = "ratio"
+    c.paper_tuned = False  # constants='paper' only: add the reference's tuned multipliers
     c.regime = regime  # 'I' | 'II' | 'III' | 'auto' (inferred from which ratios differ from 1)
     c.depth_scaling = ""  # '' (the preset's default) | 'none' | 'depth_mup' | 'completep'
     c.renormalize_gates = False
     c.dispatch = "auto"  # 'auto' | 'dense' | 'sorted' | 'ragged' | 'capacity' (mssp_jax/dispatch.py)
     # dispatch='capacity' only (also on expert meshes): slots per expert = factor * T*K / M
     c.capacity_factor = 1.25
+    # Behaviours where the reference differs from our defaults (docs/REPRODUCING.md says why):
+    c.load_balance = "switch"  # 'switch' | 'selected_gates' (reference; mssp_jax/moe.py)
+    c.aux_loss_layers = "mean"  # 'mean' | 'sum' (reference) over the MoE layers
+    c.exact_gelu = False  # True: erf GELU (reference); False: tanh approximation
     c.optimizer = ml_collections.ConfigDict(dict(
         name=optimizer, learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
-        weight_decay=0.0, grad_clip=0.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.1))
+        weight_decay=0.0, grad_clip=0.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.1,
+        warmup_start="zero",  # 'zero' | 'reference' (lr * (t + 1) / (w + 1))
+        decay_all=False))  # True: decay norm gains and biases too (reference)
     c.seed = 0
     c.steps = 500
     c.batch_size = 32

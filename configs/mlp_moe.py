@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
     c.input_dim = 64  # 8 x 8 x 1 digits
     c.num_classes = 1 if task == "binary" else 10  # model outputs (1: scalar +-1 target)
     c.loss = "mse"  # 'mse' (one-hot, as the reference) | 'cross_entropy'
+    c.mse_reduction = "sum"  # over classes: 'sum' | 'mean' (reference, PyTorch's mse_loss)
     c.data = ml_collections.ConfigDict(dict(
         name="uci_digits",  # embedded; or any image-classification TFDS dataset prepared locally
         data_dir="",  # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
     c.vocab_size = 256  # bytes
     c.seq_len = 64
     c.head_dim = 16
+    c.qk_norm_gain = True  # False: QK-norm without a learnable gain (reference)
     c.moe_every = 1
     c.ffn_width = 0  # dense FFN width in non-MoE blocks (0 = 4 N)
     c.aux_loss_weight = 0.01

@@ -2,9 +2,10 @@
 
 Config layout (see configs/*.py): ``model`` ('mlp_moe' | 'transformer_moe'), ``shape`` and
 ``base_shape`` (width, expert_width, num_experts, top_k, depth), ``parameterization`` (preset name
-or a table), ``regime``, ``depth_scaling``, ``optimizer`` (name, learning_rate, ...), and the model
-fields (input_dim/num_classes or vocab_size/head_dim/moe_every/ffn_width, renormalize_gates,
-dispatch, capacity_factor).
+or a table), ``constants`` ('ratio' | 'paper', with ``paper_tuned``), ``regime``,
+``depth_scaling``, ``optimizer`` (name, learning_rate, ...), and the model fields
+(input_dim/num_classes or vocab_size/head_dim/moe_every/ffn_width, renormalize_gates, dispatch,
+capacity_factor, load_balance, exact_gelu, qk_norm_gain).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import optax
 from flax import nnx
 
 from mssp_jax import dispatch as dispatch_lib
-from mssp_jax import optim
+from mssp_jax import optim, paper
 from mssp_jax.models import MLPMoE, TransformerMoE
 from mssp_jax.scaling import ConfigError, Scaling, Shape, make_scaling
 
 MODELS = ("mlp_moe", "transformer_moe")
+CONSTANTS = ("ratio", "paper")  # presets as they are (1 at the base) | the reference's constants
+WARMUP_STARTS = ("zero", "reference")
 SHAPE_FIELDS = {"width": "N", "expert_width": "Ne", "num_experts": "M", "top_k": "K", "depth": "L"}
 
 
@@ -43,12 +46,30 @@ def _table(parameterization: Any) -> Any:
     return parameterization.to_dict() if hasattr(parameterization, "to_dict") else parameterization
 
 
+def parameterization_table(config: Any) -> Any:
+    """`config.parameterization` (a preset name or a table), or with ``constants='paper'`` the
+    paper form of that preset name (`mssp_jax.paper.table`) for the config's regime and model."""
+    constants = config.get("constants", "ratio")
+    if constants not in CONSTANTS:
+        raise ConfigError(f"constants must be one of {list(CONSTANTS)}, got {constants!r}")
+    if constants == "ratio":
+        return _table(config.parameterization)
+    if not isinstance(config.parameterization, str) or config.regime == "auto":
+        raise ConfigError("constants='paper' needs parameterization to be a preset name and regime "
+                          f"one of {list(paper.GATE_CONST['mlp_moe'])}, got "
+                          f"{config.parameterization!r} / {config.regime!r}")
+    routing = "soft" if config.shape.top_k == config.shape.num_experts else "topk"
+    return paper.table(config.parameterization, config.regime, config.optimizer.name, config.model,
+                       routing=routing, tuned=config.get("paper_tuned", False))
+
+
 def scaling_from_config(config: Any) -> Scaling:
     """The resolved parameterization of `config` (raises ConfigError naming the field)."""
     base = shape_from_config(config.base_shape, "base_shape")
     shape = shape_from_config(config.shape, "shape")
-    return make_scaling(_table(config.parameterization), base, shape, regime=config.regime,
-                        optimizer=config.optimizer.name, depth=config.get("depth_scaling", ""))
+    return make_scaling(parameterization_table(config), base, shape, regime=config.regime,
+                        optimizer=config.optimizer.name, depth=config.get("depth_scaling", ""),
+                        input_dim=config.get("input_dim", 0))
 
 
 def validate(config: Any) -> Scaling:
@@ -69,31 +90,43 @@ def build_model(config: Any, rngs: nnx.Rngs, scaling: Scaling | None = None) -> 
     """The model named by `config.model`, initialised by `scaling` (default: from config)."""
     scaling = scaling or validate(config)
     common = dict(rngs=rngs, renormalize=config.get("renormalize_gates", False),
-                  dispatch=dispatch_lib.from_config(config))
+                  dispatch=dispatch_lib.from_config(config),
+                  load_balance=config.get("load_balance", "switch"),
+                  exact_gelu=config.get("exact_gelu", False))
     if config.model == "mlp_moe":
         return MLPMoE(config.input_dim, config.num_classes, scaling, **common)
     return TransformerMoE(config.vocab_size, scaling, head_dim=config.head_dim,
                           moe_every=config.get("moe_every", 1), ffn_width=config.get("ffn_width", 0),
-                          **common)
+                          qk_norm_gain=config.get("qk_norm_gain", True), **common)
 
 
 def build_schedule(config: Any) -> optax.Schedule:
-    """Base-LR schedule: 'constant', or linear warmup then 'cosine' / 'linear' decay."""
+    """Base-LR schedule: 'constant', or linear warmup then 'cosine' / 'linear' decay.
+
+    The warmup starts at 0 (``warmup_start='zero'``: step t of w has lr * t / w) or, as the
+    reference, at lr / (w + 1) (``'reference'``: lr * (t + 1) / (w + 1), so no step is wasted).
+    """
     opt = config.optimizer
     lr, warmup, steps = opt.learning_rate, opt.get("warmup_steps", 0), config.get("steps", 1)
-    kind = opt.get("schedule", "constant")
-    if kind == "constant":
-        return optax.constant_schedule(lr) if not warmup else optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    kind, start = opt.get("schedule", "constant"), opt.get("warmup_start", "zero")
+    if start not in WARMUP_STARTS:
+        raise ConfigError(f"optimizer.warmup_start must be one of {list(WARMUP_STARTS)}, "
+                          f"got {start!r}")
     end = lr * opt.get("final_lr_ratio", 0.1)
-    if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), end)
-    if kind == "linear":
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
-                                     optax.linear_schedule(lr, end, max(steps - warmup, 1))],
-                                    [max(warmup, 1)])
-    raise ConfigError(f"optimizer.schedule must be one of ['constant', 'cosine', 'linear'], "
-                      f"got {kind!r}")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(steps - warmup, 1), end / lr if lr else 0.0)
+    elif kind == "linear":
+        after = optax.linear_schedule(lr, end, max(steps - warmup, 1))
+    else:
+        raise ConfigError(f"optimizer.schedule must be one of ['constant', 'cosine', 'linear'], "
+                          f"got {kind!r}")
+    if not warmup:
+        return after
+    ramp = (optax.linear_schedule(0.0, lr, warmup) if start == "zero"
+            else optax.linear_schedule(lr / (warmup + 1), lr * warmup / (warmup + 1), warmup - 1))
+    return optax.join_schedules([ramp, after], [warmup])
 
 
 def build_optimizer(config: Any, scaling: Scaling, model: Any) -> optax.GradientTransformation:
@@ -102,6 +135,7 @@ def build_optimizer(config: Any, scaling: Scaling, model: Any) -> optax.Gradient
     tx = optim.make_optimizer(scaling, model, build_schedule(config), b1=opt.get("b1", 0.9),
                               b2=opt.get("b2", 0.999), eps=opt.get("eps", 1e-8),
                               momentum=opt.get("momentum", 0.0),
-                              weight_decay=opt.get("weight_decay", 0.0))
+                              weight_decay=opt.get("weight_decay", 0.0),
+                              decay_all=opt.get("decay_all", False))
     clip = opt.get("grad_clip", 0.0)
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx

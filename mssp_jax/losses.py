@@ -1,7 +1,9 @@
 """Training objectives: MSE / cross-entropy for the MLP-MoE, next-token CE for the Transformer-MoE.
 
 `loss_fn(model, batch, config)` returns ``(loss, metrics)``; the loss includes the load-balancing
-term (``aux_loss_weight`` x mean Switch loss over MoE layers) when the config sets a weight.
+term (``aux_loss_weight`` x the layers' losses, averaged or, as the reference, summed over MoE
+layers: ``aux_loss_layers``) when the config sets a weight. The mean keeps the weight's meaning
+independent of depth; the sum grows with the number of MoE layers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def router_metrics(routings: list[Routing]) -> dict[str, jax.Array]:
     probs = jnp.stack([jnp.mean(jax.nn.softmax(r.logits, -1), 0) for r in routings])
     return {
         "aux_loss": jnp.mean(jnp.stack([r.aux_loss for r in routings])),
+        "aux_loss_sum": jnp.sum(jnp.stack([r.aux_loss for r in routings])),
         "load_max": jnp.mean(jnp.max(load, -1)),
         "load_min": jnp.mean(jnp.min(load, -1)),
         "router_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-12), -1)),
@@ -28,15 +31,27 @@ def router_metrics(routings: list[Routing]) -> dict[str, jax.Array]:
     }
 
 
-def task_loss(outputs: jax.Array, targets: jax.Array, kind: str) -> jax.Array:
-    """'mse' against one-hot targets (scalar +-1 targets when outputs have one column) or 'cross_entropy'."""
+MSE_REDUCTIONS = ("sum", "mean")  # over the classes of one example; batches are always averaged
+AUX_LOSS_LAYERS = ("mean", "sum")
+
+
+def task_loss(outputs: jax.Array, targets: jax.Array, kind: str,
+              mse_reduction: str = "sum") -> jax.Array:
+    """'mse' against one-hot targets (scalar +-1 targets when outputs have one column) or
+    'cross_entropy'. The one-hot MSE sums the squared errors over classes ('sum') or averages
+    them ('mean', PyTorch's mse_loss as the reference uses: the loss and SGD gradients 1/C as large).
+    """
     if kind == "cross_entropy":
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, targets))
     if kind == "mse":
         if outputs.shape[-1] == 1:
             return jnp.mean(jnp.square(outputs[..., 0] - targets))
         onehot = jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
-        return jnp.mean(jnp.sum(jnp.square(outputs - onehot), axis=-1))
+        per_class = jnp.square(outputs - onehot)
+        if mse_reduction not in MSE_REDUCTIONS:
+            raise ValueError(f"mse_reduction must be one of {list(MSE_REDUCTIONS)}, "
+                             f"got {mse_reduction!r}")
+        return jnp.mean(jnp.sum(per_class, -1) if mse_reduction == "sum" else per_class)
     raise ValueError(f"loss must be one of ['mse', 'cross_entropy'], got {kind!r}")
 
 
@@ -46,8 +61,9 @@ def loss_fn(model: Any, batch: dict[str, jax.Array], config: Any) -> tuple[jax.A
     if config.model == "transformer_moe":
         loss = task_loss(outputs, batch["targets"], "cross_entropy")
     else:
-        loss = task_loss(outputs, batch["targets"], config.get("loss", "mse"))
+        loss = task_loss(outputs, batch["targets"], config.get("loss", "mse"),
+                         config.get("mse_reduction", "sum"))
     metrics = {"task_loss": loss, **router_metrics(routings)}
     weight = config.get("aux_loss_weight", 0.0)
-    total = loss + weight * metrics["aux_loss"] if weight else loss
-    return total, metrics
+    aux = metrics["aux_loss_sum" if config.get("aux_loss_layers", "mean") == "sum" else "aux_loss"]
+    return (loss + weight * aux if weight else loss), metrics

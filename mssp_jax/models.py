@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mssp_jax.dispatch import Dispatch
-from mssp_jax.moe import MoE, Routing
+from mssp_jax.moe import MoE, Routing, gelu
 from mssp_jax.params import labelled_param
 from mssp_jax.scaling import ConfigError, Scaling
 
@@ -31,31 +31,33 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm with a learned gain (role `norm`)."""
+    """RMSNorm with a learned gain (role `norm`), or without one (`gain=False`)."""
 
     def __init__(self, dim: int, scaling: Scaling, axis_name: str, *, rngs: nnx.Rngs,
-                 eps: float = 1e-6):
-        self.scale = labelled_param(rngs, scaling, "norm", (dim,), (axis_name,))
+                 eps: float = 1e-6, gain: bool = True):
+        self.scale = labelled_param(rngs, scaling, "norm", (dim,), (axis_name,)) if gain else None
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return x / rms * self.scale[...]
+        return x / rms * self.scale[...] if self.scale is not None else x / rms
 
 
 class MLPMoE(nnx.Module):
     """The paper's MLP-MoE: W_in -> router + experts -> W_out."""
 
     def __init__(self, input_dim: int, output_dim: int, scaling: Scaling, *, rngs: nnx.Rngs,
-                 renormalize: bool = False, dispatch: str | Dispatch = "auto"):
+                 renormalize: bool = False, dispatch: str | Dispatch = "auto",
+                 load_balance: str = "switch", exact_gelu: bool = False):
         s = scaling.shape
         self.w_in = Linear(input_dim, s.N, "input", ("input", "embed"), scaling, rngs=rngs)
         self.moe = MoE(s.N, s.Ne, s.M, s.K, scaling, rngs=rngs, renormalize=renormalize,
-                       dispatch=dispatch)
+                       dispatch=dispatch, load_balance=load_balance, exact_gelu=exact_gelu)
         self.w_out = Linear(s.N, output_dim, "readout", ("embed", "classes"), scaling, rngs=rngs)
+        self.exact_gelu = exact_gelu
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[Routing]]:
-        h = jax.nn.gelu(self.w_in(x))
+        h = gelu(self.exact_gelu)(self.w_in(x))
         h_agg, routing = self.moe(h)
         return self.w_out(h_agg), [routing]
 
@@ -73,15 +75,16 @@ def rope(x: jax.Array, base: float = 10000.0) -> jax.Array:
 class Attention(nnx.Module):
     """Causal multi-head attention with QK-RMSNorm and RoPE; head_dim fixed across widths."""
 
-    def __init__(self, width: int, head_dim: int, scaling: Scaling, *, rngs: nnx.Rngs):
+    def __init__(self, width: int, head_dim: int, scaling: Scaling, *, rngs: nnx.Rngs,
+                 qk_norm_gain: bool = True):
         if head_dim <= 0 or width % head_dim:
             raise ConfigError(f"width (N={width}) must be divisible by head_dim ({head_dim}); "
                               f"allowed head_dim: divisors of {width}")
         self.num_heads, self.head_dim = width // head_dim, head_dim
         self.q, self.k, self.v = (Linear(width, width, "attn_qkv", ("embed", "heads"), scaling,
                                          rngs=rngs) for _ in range(3))
-        self.q_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs)
-        self.k_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs)
+        self.q_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs, gain=qk_norm_gain)
+        self.k_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs, gain=qk_norm_gain)
         self.out = Linear(width, width, "attn_out", ("heads", "embed"), scaling, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,25 +99,30 @@ class Attention(nnx.Module):
 class DenseFFN(nnx.Module):
     """The dense FFN used in blocks without MoE: W_down phi(W_up x)."""
 
-    def __init__(self, width: int, hidden: int, scaling: Scaling, *, rngs: nnx.Rngs):
+    def __init__(self, width: int, hidden: int, scaling: Scaling, *, rngs: nnx.Rngs,
+                 exact_gelu: bool = False):
         self.up = Linear(width, hidden, "mlp_up", ("embed", "mlp"), scaling, rngs=rngs)
         self.down = Linear(hidden, width, "mlp_down", ("mlp", "embed"), scaling, rngs=rngs)
+        self.exact_gelu = exact_gelu
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
-        return self.down(jax.nn.gelu(self.up(x))), None
+        return self.down(gelu(self.exact_gelu)(self.up(x))), None
 
 
 class Block(nnx.Module):
     """x += Attn(norm x); x += FFN(norm x), FFN being the MoE layer or a dense FFN."""
 
     def __init__(self, scaling: Scaling, head_dim: int, use_moe: bool, ffn_width: int, *,
-                 rngs: nnx.Rngs, renormalize: bool = False, dispatch: str | Dispatch = "auto"):
+                 rngs: nnx.Rngs, renormalize: bool = False, dispatch: str | Dispatch = "auto",
+                 load_balance: str = "switch", exact_gelu: bool = False, qk_norm_gain: bool = True):
         s = scaling.shape
         self.attn_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
-        self.attn = Attention(s.N, head_dim, scaling, rngs=rngs)
+        self.attn = Attention(s.N, head_dim, scaling, rngs=rngs, qk_norm_gain=qk_norm_gain)
         self.ffn_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
         self.ffn = (MoE(s.N, s.Ne, s.M, s.K, scaling, rngs=rngs, renormalize=renormalize,
-                        dispatch=dispatch) if use_moe else DenseFFN(s.N, ffn_width, scaling, rngs=rngs))
+                        dispatch=dispatch, load_balance=load_balance, exact_gelu=exact_gelu)
+                    if use_moe else DenseFFN(s.N, ffn_width, scaling, rngs=rngs,
+                                             exact_gelu=exact_gelu))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing | None]:
         x = x + self.attn(self.attn_norm(x))
@@ -127,7 +135,8 @@ class TransformerMoE(nnx.Module):
 
     def __init__(self, vocab_size: int, scaling: Scaling, *, rngs: nnx.Rngs, head_dim: int = 64,
                  moe_every: int = 1, ffn_width: int = 0, renormalize: bool = False,
-                 dispatch: str | Dispatch = "auto"):
+                 dispatch: str | Dispatch = "auto", load_balance: str = "switch",
+                 exact_gelu: bool = False, qk_norm_gain: bool = True):
         s = scaling.shape
         if moe_every < 1:
             raise ConfigError(f"moe_every must be >= 1 (1 = MoE in every block), got {moe_every}")
@@ -135,7 +144,8 @@ class TransformerMoE(nnx.Module):
         self.embed_mult = scaling.multiplier("embedding")
         self.blocks = nnx.List([
             Block(scaling, head_dim, (i + 1) % moe_every == 0, ffn_width or 4 * s.N, rngs=rngs,
-                  renormalize=renormalize, dispatch=dispatch)
+                  renormalize=renormalize, dispatch=dispatch, load_balance=load_balance,
+                  exact_gelu=exact_gelu, qk_norm_gain=qk_norm_gain)
             for i in range(s.L)
         ])
         self.final_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)

@@ -7,6 +7,7 @@ is the `dispatch` function's business, so every dispatch computes the same funct
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -16,9 +17,15 @@ from flax import nnx
 
 from mssp_jax import dispatch as dispatch_lib
 from mssp_jax.params import labelled_param
-from mssp_jax.scaling import Scaling
+from mssp_jax.scaling import ConfigError, Scaling
 
 TIE_BREAK = 1e-6  # size of the rotation used to break exact router-logit ties (see `route`)
+
+
+def gelu(exact: bool) -> Callable[[jax.Array], jax.Array]:
+    """GELU, exact (erf, as PyTorch's default and the reference) or tanh-approximate (our default:
+    cheaper; the two differ by < 1e-3 in value)."""
+    return functools.partial(jax.nn.gelu, approximate=not exact)
 
 
 class Routing(NamedTuple):
@@ -28,10 +35,38 @@ class Routing(NamedTuple):
     weights: jax.Array  # [T, K] gate values (sigmoid x gate_scale, optionally renormalised)
     logits: jax.Array  # [T, M] router logits
     load: jax.Array  # [M] fraction of token slots sent to each expert (sums to 1)
-    aux_loss: jax.Array  # Switch load-balancing loss (1 when perfectly balanced)
+    aux_loss: jax.Array  # load-balancing loss of the layer (see `LOAD_BALANCE`)
 
 
-def route(logits: jax.Array, k: int, gate_scale: float, renormalize: bool = False) -> Routing:
+# The load-balancing loss M * sum_m load_m * p_m, with `load` the (stop-gradient) token fraction and
+# p_m the mean over tokens of ...
+LOAD_BALANCE = {
+    # ... a softmax over all M logits (Switch Transformer; load sums to 1, p to 1): its gradient
+    # per router logit falls as 1/M;
+    "switch": "softmax over all M router logits",
+    # ... the scaled sigmoid gates of the selected experts, 0 elsewhere, with load = tokens per
+    # expert summing to K (the authors' reference): its gradient per logit does not shrink with M.
+    "selected_gates": "scaled sigmoid gates of the selected experts",
+}
+
+
+def load_balance_loss(logits: jax.Array, idx: jax.Array, weights: jax.Array, kind: str) -> jax.Array:
+    """The `kind` load-balancing loss of one layer (1 when perfectly balanced, for 'switch')."""
+    num_tokens, num_experts = logits.shape
+    counts = jnp.zeros((num_experts,), logits.dtype).at[idx.reshape(-1)].add(1.0)
+    if kind == "switch":
+        load, probs = counts / idx.size, jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+    elif kind == "selected_gates":
+        load = counts / num_tokens
+        gates = jnp.zeros_like(logits).at[jnp.arange(num_tokens)[:, None], idx].set(weights)
+        probs = jnp.mean(gates, axis=0)
+    else:
+        raise ValueError(f"load_balance must be one of {list(LOAD_BALANCE)}, got {kind!r}")
+    return num_experts * jnp.sum(jax.lax.stop_gradient(load) * probs)
+
+
+def route(logits: jax.Array, k: int, gate_scale: float, renormalize: bool = False,
+          load_balance: str = "switch") -> Routing:
     """Top-K routing with sigmoid gates.
 
     Exact ties (a zero-initialised router gives all-zero logits) are broken by a tiny per-token
@@ -49,20 +84,25 @@ def route(logits: jax.Array, k: int, gate_scale: float, renormalize: bool = Fals
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     counts = jnp.zeros((num_experts,), logits.dtype).at[idx.reshape(-1)].add(1.0)
-    load = counts / (num_tokens * k)
-    probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
-    aux_loss = num_experts * jnp.sum(jax.lax.stop_gradient(load) * probs)
-    return Routing(idx.astype(jnp.int32), weights, logits, load, aux_loss)
+    aux_loss = load_balance_loss(logits, idx, weights, load_balance)
+    return Routing(idx.astype(jnp.int32), weights, logits, counts / (num_tokens * k), aux_loss)
 
 
 class MoE(nnx.Module):
-    """Router + M experts (phi = GELU); returns (h_agg, Routing)."""
+    """Router + M experts (phi = GELU, tanh-approximate unless `exact_gelu`); returns
+    (h_agg, Routing)."""
 
     def __init__(self, width: int, expert_width: int, num_experts: int, top_k: int,
                  scaling: Scaling, *, rngs: nnx.Rngs, renormalize: bool = False,
-                 dispatch: str | Callable = "auto"):
+                 dispatch: str | Callable = "auto", load_balance: str = "switch",
+                 exact_gelu: bool = False):
+        if load_balance not in LOAD_BALANCE:
+            raise ConfigError(f"load_balance must be one of {list(LOAD_BALANCE)}, "
+                              f"got {load_balance!r}")
         self.top_k = top_k
         self.renormalize = renormalize
+        self.load_balance = load_balance
+        self.exact_gelu = exact_gelu
         self.gate_scale = scaling.gate_scale
         self.router = labelled_param(rngs, scaling, "router", (width, num_experts),
                                      ("embed", "expert_router"))
@@ -80,8 +120,8 @@ class MoE(nnx.Module):
         lead = h.shape[:-1]
         x = h.reshape(-1, h.shape[-1])
         logits = x @ (self.router_mult * self.router[...])
-        routing = route(logits, self.top_k, self.gate_scale, self.renormalize)
+        routing = route(logits, self.top_k, self.gate_scale, self.renormalize, self.load_balance)
         w_up = self.up_mult * self.w_up[...]
         w_down = self.down_mult * self.w_down[...]
-        y = self.dispatch(x, w_up, w_down, routing.idx, routing.weights, jax.nn.gelu)
+        y = self.dispatch(x, w_up, w_down, routing.idx, routing.weights, gelu(self.exact_gelu))
         return y.reshape(*lead, -1), routing

@@ -62,37 +62,46 @@ def scale_by_role_adam(scaling: Scaling, params: Any, b1: float = 0.9, b2: float
 
 
 def decay_mask(params: Any) -> Any:
-    """Decay matrices (ndim >= 2), not norm gains or biases."""
+    """Decay matrices (ndim >= 2), not norm gains or biases (common practice: decaying a gain
+    pulls it towards 0, not towards its init of 1)."""
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
+def _decay(weight_decay: float, decay_all: bool) -> optax.GradientTransformation:
+    """Decoupled decay of the matrices, or of every parameter (`decay_all`, as the reference)."""
+    return optax.add_decayed_weights(weight_decay, mask=None if decay_all else decay_mask)
+
+
 def adamw(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
-          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.0) -> optax.GradientTransformation:
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+          decay_all: bool = False) -> optax.GradientTransformation:
     """The full Adam(W) chain: per-role eps, per-role LR, decoupled decay, base LR."""
     return optax.chain(
         scale_by_role_adam(scaling, params, b1=b1, b2=b2, eps=eps),
         scale_by_tree(lr_multipliers(scaling, params)),
-        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        _decay(weight_decay, decay_all),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
 def sgd(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
-        momentum: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+        momentum: float = 0.0, weight_decay: float = 0.0,
+        decay_all: bool = False) -> optax.GradientTransformation:
     """SGD (optionally with heavy-ball momentum) with per-role LR and decoupled decay."""
     return optax.chain(
         optax.trace(decay=momentum) if momentum else optax.identity(),
         scale_by_tree(lr_multipliers(scaling, params)),
-        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        _decay(weight_decay, decay_all),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
 def make_optimizer(scaling: Scaling, params: Any, learning_rate: optax.ScalarOrSchedule, *,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum: float = 0.0,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, decay_all: bool = False) -> optax.GradientTransformation:
     """`adamw` or `sgd`, as `scaling.optimizer` says (the LR and eps rules depend on it)."""
     if scaling.optimizer == "adam":
-        return adamw(learning_rate, scaling, params, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return sgd(learning_rate, scaling, params, momentum=momentum, weight_decay=weight_decay)
+        return adamw(learning_rate, scaling, params, b1=b1, b2=b2, eps=eps,
+                     weight_decay=weight_decay, decay_all=decay_all)
+    return sgd(learning_rate, scaling, params, momentum=momentum, weight_decay=weight_decay,
+               decay_all=decay_all)

@@ -8,6 +8,14 @@ Every rule is a monomial string (see `mssp_jax.scaling.parse_monomial`):
 A value may be a dict keyed by regime (``"I"``, ``"II"``, ``"III"``) when the rule differs by regime.
 A table may omit an optimizer's keys (``jiang`` has no SGD rule); using it then is an error.
 
+Constants on top of the exponents (all default 1, so these presets are 1 at the base shape):
+  * ``const``: per role, ``{"std" | "mult" | "lr" | "eps": monomial}`` over ``N, Ne, M, K, L, d_in``
+    evaluated at the *base* shape: the rule's value there in an absolute form (the reference's
+    Adam LR ``1/fan_in`` of the router is ``"N^-1"``); `mssp_jax.paper` sets these;
+  * ``tuned``: per role, the same keys with plain numbers: base-width tuned multipliers (what a
+    multiplier sweep finds and writes);
+  * ``gate_const`` (table level): a monomial at the base shape multiplying ``(K0/K)^alpha``.
+
 Where is the MSSP rule for expert_down under Adam?  ``MSSP["roles"]["expert_down"]``.
 Sources: ../shared/spec/PARAMETERIZATIONS.md, checked against the authors' reference dumps.
 """
@@ -28,6 +36,8 @@ BRANCH_OUTPUT_ROLES = ("attn_out", "mlp_down", "expert_down")
 REGIMES = ("I", "II", "III")
 OPTIMIZERS = ("sgd", "adam")
 RULE_KEYS = ("std", "mult", "sgd_lr", "adam_lr", "adam_eps")
+CONSTANT_KEYS = ("const", "tuned")  # per-role constant factors (see the module docstring)
+CONSTANT_FIELDS = ("std", "mult", "lr", "eps")
 
 # Dense hidden matrices under muP: std fan_in^-1/2, SGD LR constant, Adam LR and eps 1/width.
 _MUP_HIDDEN = {"std": "fan_in^-0.5", "sgd_lr": "1", "adam_lr": "rN^-1", "adam_eps": "rN^-1"}

@@ -16,6 +16,8 @@ from mssp_jax import presets
 
 ABSOLUTE_SYMBOLS = ("N", "Ne", "M", "K", "L", "fan_in")
 RATIO_SYMBOLS = ("rN", "rNe", "rM", "rK", "rL")
+# Constants are evaluated at the base shape; d_in is the model's input feature width.
+CONST_SYMBOLS = ("N", "Ne", "M", "K", "L", "d_in")
 SPECIAL_INITS = ("zero", "one")
 
 
@@ -133,6 +135,26 @@ def _lookup(table: Mapping[str, Any], name: str, regime: str, field: str) -> Any
     return value
 
 
+def _by_regime(value: Any) -> list[tuple[str, Any]]:
+    return list(value.items()) if isinstance(value, Mapping) else [("*", value)]
+
+
+def _validate_constants(value: Any, field: str, numeric: bool) -> None:
+    """`const` values are monomials over CONST_SYMBOLS (at the base); `tuned` values are numbers."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{field} must be a mapping with keys among {list(presets.CONSTANT_FIELDS)}")
+    for key, entry in value.items():
+        if key not in presets.CONSTANT_FIELDS:
+            raise ConfigError(f"{field}: unknown key {key!r}; allowed: {list(presets.CONSTANT_FIELDS)}")
+        for regime, text in _by_regime(entry):
+            where = f"{field}.{key}" + ("" if regime == "*" else f".{regime}")
+            if numeric:
+                if isinstance(text, bool) or not isinstance(text, (int, float)) or not text > 0:
+                    raise ConfigError(f"{where} must be a positive number, got {text!r}")
+            else:
+                parse_monomial(str(text), CONST_SYMBOLS, where)
+
+
 def validate_table(table: Mapping[str, Any], name: str = "parameterization") -> None:
     """Checks a user table before it is used: known roles, keys and symbols only."""
     roles = table.get("roles")
@@ -142,14 +164,19 @@ def validate_table(table: Mapping[str, Any], name: str = "parameterization") -> 
         if role not in presets.ROLES:
             raise ConfigError(f"{name}.roles: unknown role {role!r}; allowed: {list(presets.ROLES)}")
         for key, value in rules.items():
+            if key in presets.CONSTANT_KEYS:
+                _validate_constants(value, f"{name}.roles.{role}.{key}", numeric=key == "tuned")
+                continue
             if key not in presets.RULE_KEYS:
                 raise ConfigError(f"{name}.roles.{role}: unknown key {key!r}; "
-                                  f"allowed: {list(presets.RULE_KEYS)}")
-            for regime, text in (value.items() if isinstance(value, Mapping) else [("*", value)]):
+                                  f"allowed: {list(presets.RULE_KEYS + presets.CONSTANT_KEYS)}")
+            for regime, text in _by_regime(value):
                 field = f"{name}.roles.{role}.{key}" + ("" if regime == "*" else f".{regime}")
                 if key == "std" and text in SPECIAL_INITS:
                     continue
                 parse_monomial(str(text), ABSOLUTE_SYMBOLS if key == "std" else RATIO_SYMBOLS, field)
+    for regime, text in _by_regime(table.get("gate_const", 1)):
+        parse_monomial(str(text), CONST_SYMBOLS, f"{name}.gate_const")
     depth = table.get("depth", "none")
     if depth not in presets.DEPTH_RULES:
         raise ConfigError(f"{name}.depth must be one of {list(presets.DEPTH_RULES)}, got {depth!r}")
@@ -166,6 +193,7 @@ class Scaling:
     regime: str
     optimizer: str
     depth: str
+    input_dim: int = 0  # d_in, for constants that use it (the reference's Adam LR 1/d_in of W_in)
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -195,6 +223,24 @@ class Scaling:
         text = rules[key] if role in roles else "1"
         return parse_monomial(text, RATIO_SYMBOLS, f"depth.{self.depth}.{key}")
 
+    def constant(self, role: str, field: str) -> float:
+        """The role's constant factor on `field` ('std' | 'mult' | 'lr' | 'eps'): its `const`
+        monomial evaluated at the base shape, times its `tuned` multiplier (both default 1)."""
+        rules = self.table["roles"].get(role, {})
+        where = f"{self.name}.roles.{role}"
+        text = _lookup(rules.get("const", {}), field, self.regime, f"{where}.const") \
+            if field in rules.get("const", {}) else "1"
+        tuned = _lookup(rules.get("tuned", {}), field, self.regime, f"{where}.tuned") \
+            if field in rules.get("tuned", {}) else 1.0
+        return self._at_base(str(text), f"{where}.const.{field}") * float(tuned)
+
+    def _at_base(self, text: str, field: str) -> float:
+        monomial = parse_monomial(text, CONST_SYMBOLS, field)
+        if monomial.exponent("d_in") and not self.input_dim:
+            raise ConfigError(f"{field} uses d_in but the input width is unknown; "
+                              "set input_dim (make_scaling(..., input_dim=...))")
+        return monomial(dataclasses.asdict(self.base) | {"d_in": self.input_dim})
+
     # ---- rules as monomials (what tests and `describe` compare exponents of) ----
     def std_rule(self, role: str) -> str:
         return self._rule(role, "std")
@@ -218,16 +264,21 @@ class Scaling:
         if rule in SPECIAL_INITS:
             return 0.0
         sizes = dataclasses.asdict(self.shape) | {"fan_in": fan_in}
-        return parse_monomial(rule, ABSOLUTE_SYMBOLS, f"{self.name}.roles.{role}.std")(sizes)
+        std = parse_monomial(rule, ABSOLUTE_SYMBOLS, f"{self.name}.roles.{role}.std")(sizes)
+        return std * self.constant(role, "std")
 
     def multiplier(self, role: str) -> float:
-        return self.mult_rule(role)(self.ratios)
+        return self.mult_rule(role)(self.ratios) * self.constant(role, "mult")
 
     def lr_scale(self, role: str) -> float:
-        return self.lr_rule(role)(self.ratios)
+        """Factor on the base LR (1 at the base shape unless the table sets constants)."""
+        return self.lr_rule(role)(self.ratios) * self.constant(role, "lr")
 
     def eps_scale(self, role: str) -> float:
-        return self.eps_rule(role)(self.ratios)
+        """Factor on the base Adam epsilon (1 at the base shape unless the table sets constants)."""
+        if self.optimizer != "adam":
+            return 1.0
+        return self.eps_rule(role)(self.ratios) * self.constant(role, "eps")
 
     @property
     def shared_expert_init(self) -> bool:
@@ -236,17 +287,23 @@ class Scaling:
 
     @property
     def gate_scale(self) -> float:
-        """(K0/K)^alpha: the factor on every selected gate (1/M for soft routing in II and III)."""
+        """gate_const * (K0/K)^alpha: the factor on every selected gate (1/M for soft routing in
+        II and III); `gate_const` (default 1) is a monomial evaluated at the base shape."""
         alpha = float(_lookup(self.table, "gate_alpha", self.regime, f"{self.name}.gate_alpha"))
-        return (self.base.K / self.shape.K) ** alpha
+        const = _lookup(self.table, "gate_const", self.regime, f"{self.name}.gate_const") \
+            if "gate_const" in self.table else "1"
+        return (self.base.K / self.shape.K) ** alpha * self._at_base(str(const),
+                                                                     f"{self.name}.gate_const")
 
 
 def make_scaling(parameterization: str | Mapping[str, Any], base: Shape, shape: Shape, *,
-                 regime: str = "auto", optimizer: str = "adam", depth: str = "") -> Scaling:
+                 regime: str = "auto", optimizer: str = "adam", depth: str = "",
+                 input_dim: int = 0) -> Scaling:
     """Builds a `Scaling` from a preset name (see `presets.PRESETS`) or a user table.
 
     regime 'auto' infers it from which ratios differ from 1 (error at the base shape, where the
-    special inits of MSSP differ per regime). depth '' takes the table's default.
+    special inits of MSSP differ per regime). depth '' takes the table's default. `input_dim` is
+    needed only by tables whose constants use ``d_in``.
     """
     if isinstance(parameterization, str):
         if parameterization not in presets.PRESETS:
@@ -270,7 +327,11 @@ def make_scaling(parameterization: str | Mapping[str, Any], base: Shape, shape: 
     depth = depth or table.get("depth", "none")
     if depth not in presets.DEPTH_RULES:
         raise ConfigError(f"depth_scaling must be one of {list(presets.DEPTH_RULES)}, got {depth!r}")
-    scaling = Scaling(name, table, base, shape, regime, optimizer, depth)
-    for role in table["roles"]:  # fail now, not mid-model, on a table without this optimizer
-        scaling.lr_rule(role)
+    scaling = Scaling(name, table, base, shape, regime, optimizer, depth, input_dim)
+    for role in table["roles"]:  # fail now, not mid-model, on a bad rule or constant
+        scaling.lr_scale(role)
+        scaling.eps_scale(role)
+        scaling.multiplier(role)
+    if not scaling.gate_scale > 0:
+        raise ConfigError(f"{name}.gate_const must be positive, got gate scale {scaling.gate_scale}")
     return scaling
