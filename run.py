@@ -28,7 +28,8 @@ def describe_main(config) -> None:
 
     scaling = factory.validate(config)
     model = nnx.eval_shape(lambda: factory.build_model(config, nnx.Rngs(0), scaling))
-    rows = describe.describe(model, scaling)
+    rows = describe.describe(model, scaling, config.optimizer.learning_rate,
+                             config.optimizer.get("eps", 1e-8))
     print(json.dumps(rows, indent=1) if _JSON.value else describe.format_table(rows, scaling))
 
 

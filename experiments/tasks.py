@@ -7,6 +7,8 @@
 * ``lm``: byte-level language modelling on the pipeline's text dataset (``config.data``, by
   default the embedded Shakespeare corpus, `mssp_jax.data`): training windows in a fixed random
   order (``data_seed``), each used once; eval windows from the validation split.
+* ``images``: the pipeline's image-classification dataset (``config.data``, e.g. CIFAR-10
+  prepared locally), flattened and standardised, rows in a fixed random order, each used once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from mssp_jax import data as data_lib
 
 Split = dict[str, np.ndarray]
-TASKS = ("teacher", "lm")
+TASKS = ("teacher", "lm", "images")
 
 
 def teacher(input_dim: int, num_classes: int, rows: int, seed: int = 0,
@@ -40,17 +42,18 @@ def load(config: Any) -> dict[str, Split]:
         rows = teacher(config.input_dim, config.num_classes, n_train + n_eval, config.data_seed)
         return {"train": {k: v[:n_train] for k, v in rows.items()},
                 "eval": {k: v[n_train:] for k, v in rows.items()}}
-    if config.task == "lm":
-        return {"train": text_windows(config, config.data.train_split, n_train),
-                "eval": text_windows(config, config.data.eval_split, n_eval)}
+    if config.task in ("lm", "images"):
+        return {"train": dataset_rows(config, config.data.train_split, n_train),
+                "eval": dataset_rows(config, config.data.eval_split, n_eval)}
     raise ValueError(f"task must be one of {list(TASKS)}, got {config.task!r}")
 
 
-def text_windows(config: Any, split: str, rows: int) -> Split:
-    """`rows` distinct windows of `split`, drawn in an order fixed by ``config.data_seed``."""
+def dataset_rows(config: Any, split: str, rows: int) -> Split:
+    """`rows` distinct examples (text windows or images) of `split`, drawn in an order fixed by
+    ``config.data_seed``."""
     examples = data_lib.load(config, split)
     if rows > examples.num:
-        raise ValueError(f"{split!r} has {examples.num} windows of seq_len {config.seq_len}; "
-                         f"{rows} are needed (steps * batch_size or eval_size)")
+        raise ValueError(f"{split!r} of {config.data.name!r} has {examples.num} examples; {rows} "
+                         "are needed (steps * batch_size or eval_size)")
     order = np.random.default_rng(config.data_seed).permutation(examples.num)[:rows]
     return examples.take(order)

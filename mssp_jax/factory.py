@@ -60,7 +60,8 @@ def parameterization_table(config: Any) -> Any:
                           f"{config.parameterization!r} / {config.regime!r}")
     routing = "soft" if config.shape.top_k == config.shape.num_experts else "topk"
     return paper.table(config.parameterization, config.regime, config.optimizer.name, config.model,
-                       routing=routing, tuned=config.get("paper_tuned", False))
+                       routing=routing, tuned=config.get("paper_tuned", False),
+                       family=config.get("paper_family", ""))
 
 
 def scaling_from_config(config: Any) -> Scaling:

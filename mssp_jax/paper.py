@@ -328,12 +328,16 @@ def _derived(model: str, name: str, regime: str, optimizer: str) -> Form:
                       f"transformer_moe (adam) {sorted(TRANSFORMER_FORMS)}")
 
 
+# The Transformer config family whose tuned multipliers `table(..., tuned=True)` uses by default.
+DEFAULT_FAMILY = {"II": "bottleneck/sparse", "III": "allscale/sparse"}
+
+
 def table(name: str, regime: str, optimizer: str, model: str = "mlp_moe", *,
-          routing: str = "topk", tuned: bool = False) -> dict[str, Any]:
+          routing: str = "topk", tuned: bool = False, family: str = "") -> dict[str, Any]:
     """The paper-form table of our parameterization `name` in `regime` with `optimizer`.
 
-    `tuned` adds the reference's tuned multipliers (MLP: tuned_multipliers.py for `routing`;
-    Transformer: the allscale/sparse (III) or efficient-bottleneck (II) config files).
+    `tuned` adds the reference's tuned multipliers: MLP, tuned_multipliers.py's row for `routing`;
+    Transformer, the multipliers of the config `family` (default `DEFAULT_FAMILY[regime]`).
     """
     if model not in MODELS:
         raise ConfigError(f"model must be one of {list(MODELS)}, got {model!r}")
@@ -359,5 +363,7 @@ def table(name: str, regime: str, optimizer: str, model: str = "mlp_moe", *,
     if model == "mlp_moe":
         row = mlp_tuned(form.reference, routing, form.shared)
         return with_tuned(out, mlp_tuned_factors(row)) if row else out
-    family = {"III": "allscale/sparse", "II": "efficient-bottleneck/sparse-with-dense"}.get(regime)
-    return with_tuned(out, transformer_tuned_factors(TRANSFORMER_NATIVE[family])) if family else out
+    family = family or DEFAULT_FAMILY.get(regime, "")
+    if family not in TRANSFORMER_NATIVE:
+        raise ConfigError(f"paper_family must be one of {list(TRANSFORMER_NATIVE)}, got {family!r}")
+    return with_tuned(out, transformer_tuned_factors(TRANSFORMER_NATIVE[family]))

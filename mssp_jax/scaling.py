@@ -288,8 +288,10 @@ class Scaling:
     @property
     def gate_scale(self) -> float:
         """gate_const * (K0/K)^alpha: the factor on every selected gate (1/M for soft routing in
-        II and III); `gate_const` (default 1) is a monomial evaluated at the base shape."""
-        alpha = float(_lookup(self.table, "gate_alpha", self.regime, f"{self.name}.gate_alpha"))
+        II and III); `gate_const` (default 1) is a monomial evaluated at the base shape, a table
+        without `gate_alpha` does not scale its gates."""
+        alpha = float(_lookup(self.table, "gate_alpha", self.regime, f"{self.name}.gate_alpha")
+                      if "gate_alpha" in self.table else 0)
         const = _lookup(self.table, "gate_const", self.regime, f"{self.name}.gate_const") \
             if "gate_const" in self.table else "1"
         return (self.base.K / self.shape.K) ** alpha * self._at_base(str(const),

@@ -16,6 +16,7 @@ import math
 import pathlib
 import re
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -230,3 +231,34 @@ def test_transformer_paper_form_equals_reference_on_every_case():
             tally.cases += 1
     assert tally.cases == 36
     print(f"Transformer: {tally.cases} cases, {tally.params} parameters, {tally.fields} fields equal")
+
+
+def test_mlp_sampled_init_matches_reference_measured_std():
+    """Our sampled init against the std the reference measured on its own tensors (N = 128):
+    both are noisy, so the bound is 5 sigma of the two sampling errors combined."""
+    checked = 0
+    for case in load("reference_mlp.json")["cases"]:
+        if "ntp" in case["config"] or case["N"] != 128:
+            continue
+        shared = case["share_expert_weights_in"]
+        table = paper.reference_table(paper.MLP_REFERENCE[case["config"]], "mlp_moe", shared=shared)
+        model = MLPMoE(case["input_dim"], case["n_out"], mlp_scaling(case, table), rngs=nnx.Rngs(1))
+        state = nnx.state(model, nnx.Param)
+        for p in case["params"]:
+            (path,) = MLP_PATHS[p["name"]]
+            node = state
+            for key in path.split("/"):
+                node = node[key]
+            value = np.asarray(node[...])
+            if p["zero_init"]:
+                assert not value.any(), f"{case['config']} {p['name']}"
+                continue
+            numel = math.prod(p["shape"][1:] if p.get("experts_identical") else p["shape"])
+            if p.get("experts_identical"):
+                assert (value == value[:1]).all(), f"{case['config']} {p['name']} shared"
+            noise = math.sqrt(2 / (2 * numel))
+            assert value.std() == pytest.approx(p["init_std"], rel=5 * noise), \
+                f"{case['config']} shared={shared} {p['name']}"
+            checked += 1
+    zero_readouts = 2 * sum("mup" in name for name in paper.MLP_REFERENCE)  # x shared on / off
+    assert checked == 28 * 5 - zero_readouts
