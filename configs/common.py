@@ -36,6 +36,9 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     # authors' reference code has it, with its absolute constants (mssp_jax/paper.py)
     c.constants = "ratio"
     c.paper_tuned = False  # constants='paper' only: add the reference's tuned multipliers
+    # Base-width tuned multipliers, {role: {'std' | 'mult' | 'lr' | 'eps': factor}}, multiplied into
+    # the table's `tuned` fields (a multiplier sweep's best point is applied this way)
+    c.tuned = ml_collections.ConfigDict()
     c.regime = regime  # 'I' | 'II' | 'III' | 'auto' (inferred from which ratios differ from 1)
     c.depth_scaling = ""  # '' (the preset's default) | 'none' | 'depth_mup' | 'completep'
     c.renormalize_gates = False

@@ -6,8 +6,8 @@ atomically to ``<workdir>/cells/<key>.json``; a re-run skips cells whose file ex
 sweep continues where it stopped. Diverged runs are recorded (``diverged: true``), never fatal.
 
 Before the LR cells, a multiplier sweep at the base shape (``kind = mult``) tries per-role
-init / LR multipliers one knob at a time; its best point is applied to every LR cell (the same
-constants at every scale, as a base-tuned hyperparameter must be).
+init / LR multipliers one knob at a time; its best point is written into the ``tuned`` fields of
+every LR cell's table (the same constants at every scale, as a base-tuned hyperparameter must be).
 """
 
 from __future__ import annotations
@@ -130,9 +130,19 @@ def run_cell(config: Any, cell: Cell, data: dict, workdir: str) -> dict[str, Any
                             for i, (knobs, mult) in enumerate(points)]
         return record
     knobs, mult = best_multipliers(workdir, config, cell.optimizer)
-    result = vmap_train.train_lrs(c, lrs, s.seeds, data, [mult] * len(lrs))
-    record.update(multiplier_knobs=knobs, runs=_runs(result, s.early_steps))
+    c.tuned = as_tuned(mult)
+    result = vmap_train.train_lrs(c, lrs, s.seeds, data)
+    record.update(multiplier_knobs=knobs, tuned=as_tuned(mult), runs=_runs(result, s.early_steps))
     return record
+
+
+def as_tuned(multipliers: Multipliers) -> dict[str, dict[str, float]]:
+    """A multiplier point as the table's `tuned` fields: 'init' scales the std, 'lr' the LR."""
+    tuned: dict[str, dict[str, float]] = {}
+    for kind, field in (("init", "std"), ("lr", "lr")):
+        for role, factor in multipliers.get(kind, {}).items():
+            tuned.setdefault(role, {})[field] = float(factor)
+    return tuned
 
 
 def _runs(result: vmap_train.SweepResult, early_steps: int) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from mssp_jax import dispatch as dispatch_lib
-from mssp_jax import optim, paper
+from mssp_jax import optim, paper, presets
 from mssp_jax.models import MLPMoE, TransformerMoE
 from mssp_jax.scaling import ConfigError, Scaling, Shape, make_scaling
 
@@ -48,20 +48,26 @@ def _table(parameterization: Any) -> Any:
 
 def parameterization_table(config: Any) -> Any:
     """`config.parameterization` (a preset name or a table), or with ``constants='paper'`` the
-    paper form of that preset name (`mssp_jax.paper.table`) for the config's regime and model."""
+    paper form of that preset name (`mssp_jax.paper.table`) for the config's regime and model;
+    ``config.tuned`` ({role: {field: factor}}) is multiplied into its roles' `tuned` fields."""
     constants = config.get("constants", "ratio")
     if constants not in CONSTANTS:
         raise ConfigError(f"constants must be one of {list(CONSTANTS)}, got {constants!r}")
+    tuned = _table(config.get("tuned", {})) or {}
     if constants == "ratio":
-        return _table(config.parameterization)
+        table = _table(config.parameterization)
+        if tuned and isinstance(table, str) and table in presets.PRESETS:
+            table = {**presets.PRESETS[table], "name": table}
+        return presets.with_tuned(table, tuned) if tuned else table
     if not isinstance(config.parameterization, str) or config.regime == "auto":
         raise ConfigError("constants='paper' needs parameterization to be a preset name and regime "
                           f"one of {list(paper.GATE_CONST['mlp_moe'])}, got "
                           f"{config.parameterization!r} / {config.regime!r}")
     routing = "soft" if config.shape.top_k == config.shape.num_experts else "topk"
-    return paper.table(config.parameterization, config.regime, config.optimizer.name, config.model,
-                       routing=routing, tuned=config.get("paper_tuned", False),
-                       family=config.get("paper_family", ""))
+    table = paper.table(config.parameterization, config.regime, config.optimizer.name, config.model,
+                        routing=routing, tuned=config.get("paper_tuned", False),
+                        family=config.get("paper_family", ""))
+    return presets.with_tuned(table, tuned)
 
 
 def scaling_from_config(config: Any) -> Scaling:

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any, NamedTuple
 
 from mssp_jax import presets
+from mssp_jax.presets import with_tuned
 from mssp_jax.scaling import ConfigError
 
 ROUTINGS = ("soft", "topk")
@@ -288,14 +289,6 @@ def reference_table(ref: Reference, model: str, *, router_zero: bool = False,
     table["shared_expert_init"] = shared
     if router_zero:
         table["roles"]["router"]["std"] = "zero"
-    return table
-
-
-def with_tuned(table: dict[str, Any], tuned: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """`table` with `tuned` ({role: {'lr' | 'std' | ...: factor}}) written into its roles."""
-    table = copy.deepcopy(table)
-    for role, factors in tuned.items():
-        table["roles"][role].setdefault("tuned", {}).update(factors)
     return table
 
 

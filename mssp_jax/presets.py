@@ -75,6 +75,17 @@ MUP: dict[str, Any] = {
 }
 
 
+def with_tuned(table: dict[str, Any], tuned: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """`table` with `tuned` ({role: {'std' | 'mult' | 'lr' | 'eps': factor}}) multiplied into its
+    roles' ``tuned`` fields: how base-width tuning (a multiplier sweep's best point) is stored."""
+    table = copy.deepcopy(table)
+    for role, factors in tuned.items():
+        entry = table["roles"][role].setdefault("tuned", {})
+        for field, factor in factors.items():
+            entry[field] = float(entry.get(field, 1.0)) * float(factor)
+    return table
+
+
 def _derive(base: dict[str, Any], description: str, roles: dict[str, dict[str, Any]] | None = None,
             **fields: Any) -> dict[str, Any]:
     """A preset that differs from `base` in a few fields or role rules."""

@@ -233,3 +233,28 @@ def test_protocol_config_arguments_are_checked():
     s = factory.validate(tr)
     assert (s.shape.N, s.shape.M, s.shape.K, s.shape.Ne, s.shape.L) == (2048, 64, 32, 1024, 8)
     assert (tr.seq_len, tr.batch_size, tr.steps) == (1024, 512, 4768)
+
+
+def test_tuned_fields_train_as_the_vmapped_multipliers():
+    """A multiplier sweep's best point written into `tuned` trains exactly as the same point
+    applied by the vmapped multiplier path (std x init factor, update x LR factor)."""
+    from configs import sweeps_mlp_moe
+    from experiments import tasks
+    from mssp_jax import vmap_train
+
+    c = sweep.prepare(sweeps_mlp_moe.get_config("regime=II"))
+    c.quick = False
+    c.update(dict(steps=3, batch_size=4, eval_size=8))
+    c.shape = c.base_shape
+    data = tasks.load(c)
+    point = {"init": {"expert_down": 0.25}, "lr": {"router": 4.0, "input": 0.5}}
+    vmapped = vmap_train.train_lrs(c, [1e-2], [0], data, [point])
+    c.tuned = sweep.as_tuned(point)
+    assert c.tuned.to_dict() == {"expert_down": {"std": 0.25}, "router": {"lr": 4.0},
+                                 "input": {"lr": 0.5}}
+    written = vmap_train.train_lrs(c, [1e-2], [0], data)
+    np.testing.assert_allclose(written.train_loss, vmapped.train_loss, rtol=1e-5)
+    np.testing.assert_allclose(written.eval_loss, vmapped.eval_loss, rtol=1e-5)
+    c.tuned = {}
+    plain = vmap_train.train_lrs(c, [1e-2], [0], data)
+    assert not np.allclose(plain.train_loss, written.train_loss)
