@@ -131,7 +131,7 @@ def run_cell(config: Any, cell: Cell, data: dict, workdir: str) -> dict[str, Any
         return record
     knobs, mult = best_multipliers(workdir, config, cell.optimizer)
     c.tuned = as_tuned(mult)
-    result = vmap_train.train_lrs(c, lrs, s.seeds, data)
+    result = vmap_train.train_lrs(c, lrs, s.seeds, data, max_runs=s.get("max_runs_per_program", 0))
     record.update(multiplier_knobs=knobs, tuned=as_tuned(mult), runs=_runs(result, s.early_steps))
     return record
 

@@ -1,8 +1,10 @@
 """Datasets as TFDS random-access sources (array_record, no TensorFlow) and resumable batches.
 
-Two embedded, offline datasets are TFDS builders over files committed in `mssp_jax/data/`
-(see its SOURCES.md): ``shakespeare_plays`` (16 plays and the sonnets as byte-level text; The
-Tempest is the validation split) and ``uci_digits`` (1797 8x8 handwritten digits). Any other TFDS
+Three embedded, offline datasets are TFDS builders: over files committed in `mssp_jax/data/`
+(see its SOURCES.md), ``shakespeare_plays`` (16 plays and the sonnets as byte-level text; The
+Tempest is the validation split) and ``uci_digits`` (1797 8x8 handwritten digits); generated
+locally by the `mnist1d` package, ``mnist1d`` (Greydanus & Kobak 2024: 1-D digit signals of
+length 40, 60,000 train / 10,000 validation, no download). Any other TFDS
 dataset (``lm1b``, ``tiny_shakespeare``, ``cifar10``, ...) is read by name from ``data.data_dir``
 once it has been prepared there; nothing is downloaded at run time.
 
@@ -89,7 +91,39 @@ class UciDigits(EmbeddedBuilder):
             yield i, {"image": row[:64].reshape(8, 8, 1), "label": int(row[64])}
 
 
-EMBEDDED = {"shakespeare_plays": ShakespearePlays, "uci_digits": UciDigits}
+class Mnist1d(EmbeddedBuilder):
+    """MNIST-1D (Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", ICML 2024;
+    Apache-2.0): the package's 10 digit templates padded, scaled, sheared, translated and noised
+    into length-40 signals, generated here with its default transform (seed 42), so it is
+    large enough for long online training and needs no download."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    NUM_TRAIN, NUM_VALIDATION = 60_000, 10_000
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(40, 1), dtype=np.float32),
+            "label": tfds.features.ClassLabel(num_classes=10)}),
+            homepage="https://github.com/greydanus/mnist1d", description=__doc__)
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples, args.train_split = self.NUM_TRAIN + self.NUM_VALIDATION, 1.0
+        d = make_dataset(args)  # one standardised set (its own mean / std), then split
+        x, y = d["x"].astype(np.float32)[..., None], d["y"].astype(np.int64)
+        n = self.NUM_TRAIN
+        return {"train": self._generate_examples(x[:n], y[:n]),
+                "validation": self._generate_examples(x[n:], y[n:])}
+
+    def _generate_examples(self, x: np.ndarray, y: np.ndarray) -> Iterator[tuple[int, dict]]:
+        for i in range(len(y)):
+            yield i, {"image": x[i], "label": int(y[i])}
+
+
+EMBEDDED = {"shakespeare_plays": ShakespearePlays, "uci_digits": UciDigits, "mnist1d": Mnist1d}
 
 
 def builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:

@@ -110,12 +110,15 @@ def trainable(config: Any, seeds: Sequence[int]) -> Trainable:
 
 
 def train_lrs(config: Any, lrs: Sequence[float], seeds: Sequence[int], data: dict[str, Batch],
-              role_multipliers: Sequence[dict[str, dict[str, float]]] | None = None) -> SweepResult:
+              role_multipliers: Sequence[dict[str, dict[str, float]]] | None = None,
+              max_runs: int = 0) -> SweepResult:
     """Trains every (lr, seed) pair of `config`'s shape for `config.steps` online steps.
 
     `role_multipliers` (one per lr) optionally scales, per role, the sampled init (``'init'``) and
     the learning rate (``'lr'``) on top of the parameterization: the knobs of a multiplier sweep,
-    batched like the LRs so a whole multiplier grid is one compiled program.
+    batched like the LRs so a whole multiplier grid is one compiled program. `max_runs` (0: all)
+    bounds the (lr, seed) runs vmapped together; the LRs then go in equal chunks through the
+    same compiled program, one after the other (what memory allows at large widths).
     """
     check_data(config, data)
     t = trainable(config, seeds)
@@ -145,7 +148,12 @@ def train_lrs(config: Any, lrs: Sequence[float], seeds: Sequence[int], data: dic
 
     over_seeds = jax.vmap(one_run, in_axes=(None, None, 0))
     over_runs = jax.jit(jax.vmap(over_seeds, in_axes=(0, 0, None)))
-    losses, eval_loss = over_runs(lr_trees, init_trees, t.params)
-    losses, eval_loss = np.asarray(losses), np.asarray(eval_loss)
+    chunk = max(max_runs // len(seeds), 1) if max_runs else len(lrs)
+    pad = -len(lrs) % chunk  # repeat the last LR so every chunk has the compiled shape
+    padded = jax.tree.map(lambda x: jnp.concatenate([x] + [x[-1:]] * pad), (lr_trees, init_trees))
+    parts = [over_runs(*jax.tree.map(lambda x, i=i: x[i:i + chunk], padded), t.params)
+             for i in range(0, len(lrs) + pad, chunk)]
+    losses, eval_loss = (np.concatenate([np.asarray(p[k]) for p in parts])[:len(lrs)]
+                         for k in (0, 1))
     diverged = ~np.isfinite(losses).all(-1) | ~np.isfinite(eval_loss)
     return SweepResult(np.asarray(lrs, np.float64), np.asarray(seeds), losses, eval_loss, diverged)

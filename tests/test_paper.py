@@ -258,3 +258,22 @@ def test_tuned_fields_train_as_the_vmapped_multipliers():
     c.tuned = {}
     plain = vmap_train.train_lrs(c, [1e-2], [0], data)
     assert not np.allclose(plain.train_loss, written.train_loss)
+
+
+def test_chunked_runs_equal_one_program():
+    """`max_runs` splits the LR grid into chunks of one compiled program: same numbers."""
+    from configs import sweeps_mlp_moe
+    from experiments import tasks
+    from mssp_jax import vmap_train
+
+    c = sweep.prepare(sweeps_mlp_moe.get_config("regime=III"))
+    c.quick = False
+    c.update(dict(steps=3, batch_size=4, eval_size=8))
+    c.shape = c.base_shape
+    data = tasks.load(c)
+    lrs = [1e-3, 3e-3, 1e-2]
+    whole = vmap_train.train_lrs(c, lrs, [0, 1], data)
+    chunked = vmap_train.train_lrs(c, lrs, [0, 1], data, max_runs=4)  # 2 LRs a chunk, 1 padded
+    np.testing.assert_allclose(chunked.train_loss, whole.train_loss, rtol=1e-6)
+    np.testing.assert_allclose(chunked.eval_loss, whole.eval_loss, rtol=1e-6)
+    assert chunked.train_loss.shape == (3, 2, 3)
