@@ -17,6 +17,8 @@ from mssp_jax.scaling import ConfigError  # bad input; the message names field, 
 from mssp_jax.scaling import Scaling  # a parameterization resolved at one base, shape, regime
 from mssp_jax.scaling import Shape  # the five size knobs N, Ne, M, K, L
 from mssp_jax.scaling import make_scaling  # preset name or table + base + shape -> Scaling
+from mssp_jax.presets import with_tuned  # a table with base-width tuned multipliers written in
+from mssp_jax.paper import table as paper_table  # a preset in the reference code's constants
 
 # Parameters and their roles.
 from mssp_jax.params import labelled_param  # an nnx.Param initialised by its role's rule
@@ -51,6 +53,7 @@ from mssp_jax.describe import format_table  # those rows as a readable table
 
 __all__ = [
     "PRESETS", "REGIMES", "ROLES", "ConfigError", "Scaling", "Shape", "make_scaling",
+    "with_tuned", "paper_table",
     "labelled_param", "logical_axes", "role_labels",
     "NNX_STACKED_LAYERS", "label", "linen_with_role", "reinit", "with_role",
     "MLPMoE", "TransformerMoE", "MoE", "Routing", "route",
