@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The issue-11 sweeps (configs/sweeps_x16.py), most informative first, each resumable: re-running
-# this script skips finished cells. Results: experiments/results/x16/<name>/ (cells/*.json,
+# this script skips finished cells. Order: the paper form on MNIST-1D, then on the teacher task, then
+# the ratio form. Results: experiments/results/x16/<name>/ (cells/*.json,
 # summary_<regime>.json, figures/). Start it with `nice -n 19 bash experiments/x16_campaign.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-for data in mnist1d teacher; do
-  for constants in paper ratio; do
+for constants in paper ratio; do
+  for data in mnist1d teacher; do
     for regime in II III I; do
       for optimizer in adam sgd; do
         name="${regime}-${optimizer}-${constants}-${data}"
