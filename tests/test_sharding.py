@@ -19,9 +19,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import mlp_moe, transformer_moe
-from mssp_jax import checkpoint, expert_parallel, factory, sharding, train
+from mssp_jax import checkpoint, expert_parallel, factory, models, sharding, train
 from mssp_jax.moe import MoE
 from mssp_jax.scaling import ConfigError
+from tests.compile_log import remat_warnings, stderr_lines
 
 STEPS = 4
 PARAM_ATOL, LOSS_RTOL = 1e-4, 1e-5
@@ -57,13 +58,17 @@ def initial_state():
 
 @functools.cache
 def compiled(name: str):
-    sharded = sharding.setup(tiny_config(**MESHES[name]))
-    return sharded, sharding.make_train_step(sharded)
+    """(program, train step, what XLA logged while compiling the step)."""
+    program = train.setup(tiny_config(**MESHES[name]))
+    step = train.make_train_step(program)
+    with stderr_lines() as log:
+        step.lower(program.abstract_state, batches()[0]).compile()
+    return program, step, log
 
 
 def run(name: str, state=None, data=None):
-    sharded, step = compiled(name)
-    state = jax.device_put(initial_state() if state is None else state, sharded.state_shardings)
+    program, step, _ = compiled(name)
+    state = jax.device_put(initial_state() if state is None else state, program.state_shardings)
     losses = []
     for batch in batches() if data is None else data:
         state, metrics = step(state, batch)
@@ -91,26 +96,27 @@ def test_meshes_train_identically(name):
     assert min(jax.tree.leaves(moved)) > 10 * PARAM_ATOL  # every parameter moved past the tolerance
     np.testing.assert_allclose(mesh_losses, losses, rtol=LOSS_RTOL)
     assert_close(state, ref)
+    assert not remat_warnings(compiled(name)[2])
 
 
 def test_expert_meshes_route_tokens_by_all_to_all():
-    sharded, _ = compiled("(2,4)")
-    model = nnx.merge(sharded.program.graphdef, sharded.abstract_state["params"])
+    program, _, _ = compiled("(2,4)")
+    model = nnx.merge(program.graphdef, program.abstract_state["params"])
     moes = [m for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
     assert moes and all(m.dispatch.func is expert_parallel.expert_parallel
-                        and m.dispatch.keywords["mesh"] is sharded.mesh for m in moes)
+                        and m.dispatch.keywords["mesh"] is program.mesh for m in moes)
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     ref, losses = reference()
     first, second = batches()[:2], batches()[2:]
-    start = sharding.init_state(compiled("(2,4)")[0])  # created sharded: same values as 1 device
+    start = train.init_state(compiled("(2,4)")[0])  # created sharded: same values as 1 device
     jax.tree.map(np.testing.assert_array_equal, start, initial_state())
     state, _ = run("(2,4)", state=start, data=first)
     ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1)
-    ckpt.save(2, state, data_position=2, seed=0, force=True)
+    ckpt.save(2, state, data_position=2, seed=0)
     ckpt.close()
-    target, _ = compiled("fsdp2_expert2_tensor2")
+    target = compiled("fsdp2_expert2_tensor2")[0]
     restored = checkpoint.Checkpointer(tmp_path, every=1, keep=1).restore_latest(
         target.abstract_state, seed=0)
     assert restored.step == 2
@@ -133,7 +139,7 @@ def test_every_parameter_lands_where_its_labels_ask():
         s.update(width=16, expert_width=8, num_experts=4, top_k=2, depth=2)
     c.head_dim, c.moe_every, c.batch_size = 8, 2, 8  # a dense and an MoE block
     c.mesh.update(fsdp=2, expert=2, tensor=2)
-    state = sharding.init_state(sharding.setup(c))
+    state = train.init_state(train.setup(c))
     labels = nnx.to_flat_state(nnx.state(nnx.eval_shape(
         lambda: factory.build_model(c, nnx.Rngs(0))), nnx.Param))
     placed = dict(nnx.to_flat_state(state["params"]))
@@ -174,7 +180,7 @@ def test_parameter_the_mesh_cannot_split_is_named():
     for s in (c.shape, c.base_shape):
         s.width = 12  # 'embed' dims of 12 over 8 fsdp shards
     with pytest.raises(ConfigError, match=r"moe.*'embed' of size 12 .*mesh\.fsdp"):
-        sharding.setup(c)
+        train.setup(c)
 
 
 def test_shard_model_places_params_and_keeps_the_function():
