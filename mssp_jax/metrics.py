@@ -94,9 +94,12 @@ class Writer:
         self._line(line, keep=False)
 
     def report(self, kind: str, step: int, record: dict[str, float]) -> None:
-        """One kept line with an evaluation's results, printed when they are computed."""
-        values = "  ".join(f"{name} {value:.4f}" for name, value in record.items())
-        self._line(f"{kind} at step {step}: {values}", keep=True)
+        """A kept line with an evaluation's loss (and accuracy), printed when it is computed;
+        every metric is in the JSONL."""
+        line = f"{kind} at step {step}: loss {record['loss']:.4f}"
+        if "accuracy" in record:
+            line += f"  accuracy {record['accuracy']:.4f}"
+        self._line(line, keep=True)
 
     def close(self) -> None:
         if self.enabled:

@@ -198,7 +198,8 @@ class DivergenceWatch:
                   "last_finite_loss": last and last[1], "stopped_at_step": stopped_at}
         if jax.process_index() == 0:
             (workdir / DIVERGENCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        return (f"diverged: loss {bad[1]} at step {bad[0]} (last finite: {last}; found at step "
+        before = f"step {last[0]}, loss {last[1]:.4f}" if last else "none"
+        return (f"diverged: loss {bad[1]} at step {bad[0]} (last finite: {before}; found at step "
                 f"{stopped_at}); recorded in {workdir / DIVERGENCE_FILE}")
 
 
