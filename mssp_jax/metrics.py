@@ -58,8 +58,8 @@ class Writer:
             if resume_from is not None:
                 truncate(self.workdir, resume_from)
             self.jsonl = open(self.workdir / METRICS_FILE, "a")
-            self.tensorboard = SummaryWriter(
-                str(self.workdir / "tensorboard"),
+            self.tensorboard = SummaryWriter(  # a new file per writer, later ones sort after
+                str(self.workdir / "tensorboard"), filename_suffix=f".{time.time_ns()}",
                 purge_step=None if resume_from is None else resume_from + 1)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> dict[str, float]:

@@ -164,14 +164,15 @@ def throughput(config: Any) -> metrics.Throughput:
     return metrics.Throughput(config.batch_size, "examples")
 
 
-def run_title(program: Program) -> str:
-    """Model, parameterization, regime and scale, for the loss curve."""
-    s, b = program.scaling.shape, program.scaling.base
-    return (f"{program.config.model}, {program.scaling.name}, regime {program.scaling.regime}, "
-            f"scale {s.N / b.N:g} (N={s.N}, N_e={s.Ne}, M={s.M}, K={s.K}, L={s.L})")
+def run_title(model: str, scaling: Scaling) -> str:
+    """Model, parameterization, regime and scale (width over the base width), for the loss curve."""
+    s, b = scaling.shape, scaling.base
+    return (f"{model}, {scaling.name}, regime {scaling.regime}, scale {s.N / b.N:g} "
+            f"(N={s.N}, N_e={s.Ne}, M={s.M}, K={s.K}, L={s.L})")
 
 
 def final_line(kind: str, step: int, record: dict[str, float]) -> str:
+    """The last line of a run: which loss it is, its value (and accuracy) and its step."""
     accuracy = f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else ""
     return f"final {kind} loss {record['loss']:.4f}{accuracy} at step {step}"
 
@@ -256,7 +257,7 @@ def train(program: Program, workdir: Path) -> int:
         ckpt.close()
         writer.close()
         if jax.process_index() == 0:
-            curve = metrics.plot_loss_curve(workdir, run_title(program))
+            curve = metrics.plot_loss_curve(workdir, run_title(config.model, program.scaling))
             print(f"outputs in {workdir}: {metrics.METRICS_FILE}, tensorboard/, checkpoints/, "
                   f"{curve.name}")
             if status == DONE:

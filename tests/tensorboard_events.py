@@ -1,7 +1,7 @@
 """The scalars of a TensorBoard log directory as TensorBoard shows them.
 
 Reads tensorboardX's event files (TFRecord framing: length, its CRC, the Event proto, its CRC) in
-the order they were written and applies TensorBoard's restart rule: an event carrying
+name order, as TensorBoard does, and applies TensorBoard's restart rule: an event carrying
 ``session_log.status == START`` at step s (tensorboardX's ``purge_step``) hides every earlier
 event at a step >= s.
 """
@@ -26,8 +26,7 @@ def _events(path: Path):
 
 def scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value), ...] in the order written, after restart purges."""
-    files = sorted(Path(logdir).glob("events.out.tfevents.*"),
-                   key=lambda p: int(p.name.split(".")[3]))
+    files = sorted(Path(logdir).glob("events.out.tfevents.*"))  # TensorBoard reads them so
     shown: dict[str, list[tuple[int, float]]] = {}
     for path in files:
         for event in _events(path):
