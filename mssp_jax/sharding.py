@@ -141,22 +141,26 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def use_expert_parallel(model: nnx.Module, mesh: Mesh, capacity_factor: float = 0.0) -> None:
-    """Routes every MoE layer's tokens by all_to_all when the mesh splits the experts."""
-    if mesh.shape["expert"] > 1:
-        ep = expert_parallel.make_dispatch(mesh, capacity_factor)
-        for _, module in nnx.iter_modules(model):
-            if isinstance(module, MoE):
-                module.dispatch = ep
+def use_mesh_dispatch(model: nnx.Module, mesh: Mesh, capacity_factor: float = 0.0) -> None:
+    """Routes every MoE layer's tokens on `mesh`: by all_to_all when ``mesh.expert > 1``
+    (`expert_parallel.expert_parallel`), else with its own dispatch on each device's tokens
+    (`expert_parallel.token_parallel`); unchanged on one device."""
+    if mesh.size == 1:
+        return
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MoE):
+            module.dispatch = (expert_parallel.make_dispatch(mesh, capacity_factor)
+                               if mesh.shape["expert"] > 1
+                               else expert_parallel.make_token_parallel(module.dispatch, mesh))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: tuple = LOGICAL_RULES,
                 capacity_factor: float = 0.0) -> nnx.Module:
-    """Moves `model`'s Params onto `mesh` as their labels ask (in place) and switches its MoE
-    layers to expert-parallel dispatch when ``mesh.expert > 1``."""
+    """Moves `model`'s Params onto `mesh` as their labels ask (in place) and routes its MoE
+    layers' tokens on the mesh (`use_mesh_dispatch`)."""
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.device_put(nnx.as_pure(state), param_shardings(state, mesh, rules)))
-    use_expert_parallel(model, mesh, capacity_factor)
+    use_mesh_dispatch(model, mesh, capacity_factor)
     return model
 
 

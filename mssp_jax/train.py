@@ -2,7 +2,7 @@
 trivial mesh: the same code runs on a laptop and on a TPU pod).
 
 `setup(config)` validates the config (before any compute) and builds everything but arrays: the
-mesh, the model's graph (expert-parallel MoE layers when the mesh splits the experts), the Optax
+mesh, the model's graph (its MoE layers routing tokens on the mesh), the Optax
 chain and the sharding of every state leaf. `init_state`, `make_train_step` and `make_eval_step`
 take that `Program`; the state is the pytree ``{'params', 'opt_state'}`` (params as a pure
 `nnx.State`). `train` runs the loop: periodic eval, checkpoints (resumed exactly on restart),
@@ -98,7 +98,7 @@ def setup(config: Any, mesh: Mesh | None = None) -> Program:
     sharding.validate_mesh(config, dict(mesh.shape))
     model = nnx.eval_shape(lambda: factory.build_model(config, nnx.Rngs(config.seed), scaling))
     dropless = config.get("dispatch", "auto") != "capacity"
-    sharding.use_expert_parallel(model, mesh, 0.0 if dropless else config.capacity_factor)
+    sharding.use_mesh_dispatch(model, mesh, 0.0 if dropless else config.capacity_factor)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = factory.build_optimizer(config, scaling, model)
     shapes = jax.eval_shape(lambda: _new_state(config, scaling, tx))

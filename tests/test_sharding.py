@@ -1,4 +1,6 @@
-"""Sharded training on 8 CPU devices: every mesh computes the same training run.
+"""Sharded training on 8 CPU devices: every mesh computes the same training run, and every mesh
+compiles without XLA's "involuntary full rematerialization" (a reshard it can only do by
+replicating).
 
 Tolerance: the meshes differ only in how float32 sums are split and ordered (all-reduces,
 reduce-scatters, per-shard matmuls), a few ulps (~1e-7 relative) per op. Adam's update
@@ -19,19 +21,20 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import mlp_moe, transformer_moe
-from mssp_jax import checkpoint, expert_parallel, factory, models, sharding, train
+from mssp_jax import checkpoint, dispatch, expert_parallel, factory, models, sharding, train
 from mssp_jax.moe import MoE
 from mssp_jax.scaling import ConfigError
 from tests.compile_log import remat_warnings, stderr_lines
 
 STEPS = 4
 PARAM_ATOL, LOSS_RTOL = 1e-4, 1e-5
-MESHES = {  # the issue's (data, expert) meshes, plus one using all four axes
+MESHES = {  # (data, expert) meshes, all four axes, and three axes without expert parallelism
     "single": dict(),
     "(1,8)": dict(data=1, expert=8),
     "(2,4)": dict(data=2, expert=4),
     "(8,1)": dict(data=8, expert=1),
     "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2),
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
 }
 
 
@@ -99,12 +102,59 @@ def test_meshes_train_identically(name):
     assert not remat_warnings(compiled(name)[2])
 
 
-def test_expert_meshes_route_tokens_by_all_to_all():
-    program, _, _ = compiled("(2,4)")
+def moe_dispatches(program):
     model = nnx.merge(program.graphdef, program.abstract_state["params"])
-    moes = [m for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
-    assert moes and all(m.dispatch.func is expert_parallel.expert_parallel
-                        and m.dispatch.keywords["mesh"] is program.mesh for m in moes)
+    return [m.dispatch for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+
+
+def test_expert_meshes_route_tokens_by_all_to_all_others_on_each_device():
+    program = compiled("(2,4)")[0]
+    assert moe_dispatches(program) and all(d.func is expert_parallel.expert_parallel
+                                           and d.keywords["mesh"] is program.mesh
+                                           for d in moe_dispatches(program))
+    program = compiled("data2_fsdp2_tensor2")[0]
+    auto = dispatch.get("auto")
+    assert moe_dispatches(program) and all(d.func is expert_parallel.token_parallel
+                                           and d.keywords["dispatch"] is auto
+                                           for d in moe_dispatches(program))
+    assert moe_dispatches(compiled("single")[0]) == [auto]  # one device: the dispatch as is
+
+
+def transformer_config(**mesh):
+    c = transformer_moe.get_config()
+    for s in (c.shape, c.base_shape):
+        s.update(width=16, expert_width=8, num_experts=4, top_k=2, depth=2)
+    c.head_dim, c.moe_every, c.batch_size, c.seq_len = 8, 2, 8, 16  # a dense and an MoE block
+    c.mesh.update(mesh)
+    return c
+
+
+@pytest.mark.parametrize("mesh", [dict(fsdp=2, expert=2, tensor=2), dict(data=2, fsdp=4)])
+def test_transformer_steps_compile_without_rematerialization(mesh):
+    program = train.setup(transformer_config(**mesh))
+    tokens = jax.ShapeDtypeStruct((8, 16), np.int32)
+    with stderr_lines() as log:  # the train step holds the eval step's forward pass
+        train.make_train_step(program).lower(
+            program.abstract_state, {"inputs": tokens, "targets": tokens}).compile()
+    assert not remat_warnings(log), remat_warnings(log)[:1]
+
+
+def test_the_log_capture_sees_the_warning_and_constrain_avoids_it():
+    """The embedding lookup from a table split on `embed` warns; reading whole rows does not."""
+    mesh = sharding.make_mesh(tiny_config(fsdp=2, expert=2, tensor=2))
+    table = jax.ShapeDtypeStruct((256, 32), np.float32,
+                                 sharding=jax.NamedSharding(mesh, P(None, "fsdp")))
+    tokens = jax.ShapeDtypeStruct((8, 16), np.int32, sharding=sharding.data_sharding(mesh))
+
+    def lookup(table, tokens, whole_rows):
+        with sharding.activation_rules(mesh):
+            rows = models.constrain(table, ("vocab", None)) if whole_rows else table
+            return models.constrain(rows[tokens])
+
+    for whole_rows, warned in ((False, True), (True, False)):
+        with stderr_lines() as log:
+            jax.jit(functools.partial(lookup, whole_rows=whole_rows)).lower(table, tokens).compile()
+        assert bool(remat_warnings(log)) == warned
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
@@ -134,11 +184,7 @@ EXPECTED_MESH_AXIS = {"embed": "fsdp", "expert": "expert", "heads": "tensor", "m
 
 
 def test_every_parameter_lands_where_its_labels_ask():
-    c = transformer_moe.get_config()
-    for s in (c.shape, c.base_shape):
-        s.update(width=16, expert_width=8, num_experts=4, top_k=2, depth=2)
-    c.head_dim, c.moe_every, c.batch_size = 8, 2, 8  # a dense and an MoE block
-    c.mesh.update(fsdp=2, expert=2, tensor=2)
+    c = transformer_config(fsdp=2, expert=2, tensor=2)
     state = train.init_state(train.setup(c))
     labels = nnx.to_flat_state(nnx.state(nnx.eval_shape(
         lambda: factory.build_model(c, nnx.Rngs(0))), nnx.Param))
