@@ -205,19 +205,15 @@ class DivergenceWatch:
 
 
 def train(program: Program, workdir: Path) -> int:
-    """Trains to `config.steps`, resuming from the workdir's latest checkpoint."""
+    """Trains to `config.steps`, resuming from the workdir's latest checkpoint; returns the exit
+    status (DONE, DIVERGED or INTERRUPTED)."""
     config = program.config
     with preemption.StopSignals() as stop:
         train_examples = data.load(config, config.data.train_split)
         eval_examples = data.load(config, config.data.eval_split)
         ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.checkpoint_every,
                                        config.keep_checkpoints)
-        restored = ckpt.restore_latest(program.abstract_state, config.seed)
-        if restored:
-            state, start, position = restored.state, restored.step, restored.data_position
-            print(f"resumed from step {start} ({workdir / 'checkpoints'})")
-        else:
-            state, start, position = init_state(program), 0, 0
+        state, start, position = _restore_or_init(program, ckpt, workdir)
         batches = data.Batches(train_examples, config.batch_size, config.seed, position=position)
         train_step, eval_step = make_train_step(program), make_eval_step(program)
         writer = metrics.Writer(workdir, config.steps, resume_from=start)
@@ -256,18 +252,33 @@ def train(program: Program, workdir: Path) -> int:
                 break
         ckpt.close()
         writer.close()
-        if jax.process_index() == 0:
-            curve = metrics.plot_loss_curve(workdir, run_title(config.model, program.scaling))
-            print(f"outputs in {workdir}: {metrics.METRICS_FILE}, tensorboard/, checkpoints/, "
-                  f"{curve.name}")
-            if status == DONE:
-                kind = "eval" if metrics.read(workdir, "eval") else "train"
-                records = metrics.read(workdir, kind)
-                if records:
-                    message = final_line(kind, *list(records.items())[-1])
-        if message:
-            print(message, flush=True)
+        _report_end(program, workdir, status, message)
     return status
+
+
+def _restore_or_init(program: Program, ckpt: checkpoint.Checkpointer,
+                     workdir: Path) -> tuple[Any, int, int]:
+    """(state, step, data position) of the latest checkpoint, or of a fresh start."""
+    restored = ckpt.restore_latest(program.abstract_state, program.config.seed)
+    if not restored:
+        return init_state(program), 0, 0
+    print(f"resumed from step {restored.step} ({workdir / 'checkpoints'})")
+    return restored.state, restored.step, restored.data_position
+
+
+def _report_end(program: Program, workdir: Path, status: int, message: str) -> None:
+    """Loss curve and where the outputs are (process 0), then how the run ended: the final loss,
+    or `message` (divergence, interruption; every process)."""
+    if jax.process_index() == 0:
+        curve = metrics.plot_loss_curve(workdir, run_title(program.config.model, program.scaling))
+        print(f"outputs in {workdir}: {metrics.METRICS_FILE}, tensorboard/, checkpoints/, "
+              f"{curve.name}")
+        kind = "eval" if metrics.read(workdir, "eval") else "train"
+        records = metrics.read(workdir, kind)
+        if status == DONE and records:
+            message = final_line(kind, *list(records.items())[-1])
+    if message:
+        print(message, flush=True)
 
 
 def run_eval(program: Program, workdir: Path) -> int:
