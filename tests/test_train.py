@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import common, mlp_moe, transformer_moe
-from mssp_jax import checkpoint, metrics, train
+from mssp_jax import checkpoint, metrics, preemption, train
 from mssp_jax.scaling import ConfigError
 from tests import tensorboard_events
 
@@ -155,6 +155,20 @@ def test_sigint_then_sigterm_save_and_resume_each_step_once(data_dir, tmp_path, 
     assert [s for s, _ in shown["train/loss"]] == list(range(1, steps + 1))
     assert [v for _, v in shown["train/loss"]] == pytest.approx(
         [r["loss"] for r in metrics.read(workdir, "train").values()], rel=1e-6)
+
+
+def test_a_signal_requests_a_stop_and_a_second_sigint_interrupts():
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with preemption.StopSignals() as stop:
+            assert not stop.reached(1)
+            os.kill(os.getpid(), signal.SIGINT)
+            while stop.received is None:  # the handler runs on the main thread, soon
+                time.sleep(0.01)
+            assert stop.reached(2) and stop.describe() == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)  # again: Python's own handler
+            time.sleep(5)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 def test_divergence_stops_cleanly_and_keeps_earlier_outputs(data_dir, tmp_path, capsys):
