@@ -18,6 +18,7 @@ SIGTERM on one process terminates it), for when a step hangs.
 from __future__ import annotations
 
 import signal
+import threading
 from types import FrameType
 
 import jax
@@ -35,6 +36,8 @@ class StopSignals:
         self._previous: dict[signal.Signals, object] = {}
 
     def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; nothing to catch here
         for sig in (signal.SIGINT,) if self._synced else SIGNALS:  # SIGTERM: JAX's service
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
