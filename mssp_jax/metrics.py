@@ -30,12 +30,13 @@ def _scalar(value: Any) -> float:
 
 
 def truncate(workdir: str | Path, last_step: int) -> None:
-    """Drops the JSONL records of steps after `last_step` (rewritten atomically)."""
+    """Drops the JSONL records of steps after `last_step`, and a last line cut short by a kill
+    (rewritten atomically)."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= last_step]
+            if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= last_step]
     partial = path.with_suffix(".jsonl.tmp")
     partial.write_text("".join(kept))
     os.replace(partial, path)

@@ -35,7 +35,9 @@ def test_a_resumed_writer_drops_the_steps_the_restart_repeats(tmp_path):
     for step in range(1, 7):
         first.write("train", step, {"loss": 10.0 - step})
     first.write("eval", 4, {"loss": 7.5})
-    first.close()  # killed after step 6; the latest checkpoint holds step 4
+    first.close()  # killed after step 6, in the middle of a line; the latest checkpoint holds step 4
+    with open(tmp_path / metrics.METRICS_FILE, "a") as jsonl:
+        jsonl.write('{"kind": "train", "step": 7, "lo')
     resumed = metrics.Writer(tmp_path, 10, resume_from=4, enabled=True)
     for step in (5, 6):
         resumed.write("train", step, {"loss": 100.0 + step})
