@@ -13,6 +13,9 @@ the affected entries by ~lr = 1e-2, two orders above.
 from __future__ import annotations
 
 import functools
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -241,3 +244,11 @@ def test_shard_model_places_params_and_keeps_the_function():
     assert model.moe.dispatch.keywords["mesh"] is mesh
     got, _ = nnx.jit(lambda m, x: m(x))(model, inputs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sharding_does_not_import_the_training_loop():
+    """One path: `train` builds its steps on `sharding`'s placement, never the other way."""
+    code = "import sys, mssp_jax.sharding; print('mssp_jax.train' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
