@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import transformer_moe  # noqa: E402
-from mssp_jax import sharding  # noqa: E402
+from mssp_jax import train  # noqa: E402
 
 MESHES = {"1 device": {}, "data=8": dict(data=8), "fsdp=8": dict(fsdp=8),
           "data=2,expert=4": dict(data=2, expert=4)}
@@ -40,8 +40,8 @@ def main() -> None:
     for name, mesh in MESHES.items():
         config = transformer_moe.get_config()
         config.mesh.update(mesh)
-        sharded = sharding.setup(config)
-        state, step = sharding.init_state(sharded), sharding.make_train_step(sharded)
+        program = train.setup(config)
+        state, step = train.init_state(program), train.make_train_step(program)
         state, _ = step(state, batch)  # compile
         runs[name] = [state, step, []]
     for _ in range(args.rounds):

@@ -25,22 +25,23 @@ class Restored:
 
 
 class Checkpointer:
-    """`save` every `every` steps (and when forced), keeping the newest `keep`."""
+    """Checkpoints `due` every `every` steps (0: none), keeping the newest `keep`."""
 
     def __init__(self, directory: str | Path, every: int, keep: int):
-        options = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep,
-                                               create=True)
-        self.enabled = every > 0
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.every = every
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                              item_names=("state", "meta"))
 
-    def save(self, step: int, state: Any, data_position: int, seed: int, force: bool = False) -> bool:
-        """Saves if `step` is on the interval (or `force`); returns whether it saved."""
-        if not self.enabled and not force:
-            return False
+    def due(self, step: int) -> bool:
+        """Whether `step` is on the interval (the loop also saves at the end and on a stop)."""
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state: Any, data_position: int, seed: int) -> None:
+        """Saves `state` at `step` (asynchronously; `close` waits). Every process calls it."""
         meta = {"step": step, "data_position": data_position, "seed": seed}
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore_latest(self, like: Any, seed: int) -> Restored | None:
         """The newest checkpoint restored into the structure and shardings of `like` (None: the

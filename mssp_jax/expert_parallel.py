@@ -1,5 +1,6 @@
 """Expert parallelism: each device owns M/E experts and receives, by all_to_all, the tokens routed
-to them.
+to them. On meshes that do not split the experts, `token_parallel` runs any dispatch on each
+device's own tokens.
 
 Layout inside `jax.shard_map` on a mesh with an ``expert`` axis of size E:
 
@@ -63,6 +64,12 @@ def _local_dispatch(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.A
     return jax.lax.psum(y, TENSOR_AXIS) if tensor else y
 
 
+def _token_and_tensor_specs(mesh: Mesh) -> tuple[P, str | None]:
+    """Tokens split over the mesh's batch axes; the tensor axis, if the mesh has one."""
+    tokens = P(tuple(a for a in TOKEN_AXES if a in mesh.axis_names))
+    return tokens, TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names else None
+
+
 def expert_parallel(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array,
                     weights: jax.Array, act: dispatch_lib.Activation, *, mesh: Mesh | None = None,
                     capacity_factor: float = 0.0) -> jax.Array:
@@ -75,8 +82,7 @@ def expert_parallel(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.A
     if num_experts % shards:
         raise ConfigError(f"shape.num_experts (M={num_experts}) must be divisible by mesh.expert "
                           f"({shards}); allowed mesh.expert: divisors of {num_experts}")
-    tokens = P(tuple(a for a in TOKEN_AXES if a in mesh.axis_names))
-    tensor = TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names else None
+    tokens, tensor = _token_and_tensor_specs(mesh)
     local = functools.partial(_local_dispatch, act=act, num_experts=num_experts,
                               capacity_factor=capacity_factor, tensor=tensor is not None)
     return jax.shard_map(
@@ -89,6 +95,36 @@ def expert_parallel(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.A
 def make_dispatch(mesh: Mesh, capacity_factor: float = 0.0) -> dispatch_lib.Dispatch:
     """An expert-parallel dispatch bound to `mesh` (dropless when capacity_factor <= 0)."""
     return functools.partial(expert_parallel, mesh=mesh, capacity_factor=capacity_factor)
+
+
+def token_parallel(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array,
+                   weights: jax.Array, act: dispatch_lib.Activation, *,
+                   dispatch: dispatch_lib.Dispatch, mesh: Mesh) -> jax.Array:
+    """`dispatch` run on each device's own tokens, for meshes that do not split the experts.
+
+    Routing stays on the device: no sort or scatter over tokens spread across devices, which
+    XLA can only partition by replicating them (it warns of "involuntary full
+    rematerialization" on data x fsdp meshes), and kernels that cannot be partitioned
+    automatically (Pallas grouped matmuls) see one device's tokens. The experts are gathered
+    from ``fsdp`` at the boundary; their hidden dim stays split over ``tensor`` (a psum sums the
+    partial outputs). Exact for every exact dispatch; ``capacity`` counts its capacity per
+    device, as GShard does.
+    """
+    tokens, tensor = _token_and_tensor_specs(mesh)
+
+    def local(x, w_up, w_down, idx, weights):
+        y = dispatch(x, w_up, w_down, idx, weights, act)
+        return jax.lax.psum(y, TENSOR_AXIS) if tensor else y
+
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(tokens, P(None, None, tensor), P(None, tensor, None), tokens, tokens),
+        out_specs=tokens)(x, w_up, w_down, idx, weights)
+
+
+def make_token_parallel(dispatch: dispatch_lib.Dispatch, mesh: Mesh) -> dispatch_lib.Dispatch:
+    """`dispatch` bound to run per device on `mesh` (`token_parallel`)."""
+    return functools.partial(token_parallel, dispatch=dispatch, mesh=mesh)
 
 
 dispatch_lib.register("expert_parallel", expert_parallel)

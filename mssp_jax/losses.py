@@ -3,7 +3,8 @@
 `loss_fn(model, batch, config)` returns ``(loss, metrics)``; the loss includes the load-balancing
 term (``aux_loss_weight`` x the layers' losses, averaged or, as the reference, summed over MoE
 layers: ``aux_loss_layers``) when the config sets a weight. The mean keeps the weight's meaning
-independent of depth; the sum grows with the number of MoE layers.
+independent of depth; the sum grows with the number of MoE layers. The MLP-MoE's metrics include
+its classification accuracy.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def task_loss(outputs: jax.Array, targets: jax.Array, kind: str,
     raise ValueError(f"loss must be one of ['mse', 'cross_entropy'], got {kind!r}")
 
 
+def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Fraction classified correctly: the largest output, or for one output (+-1 targets) its sign."""
+    if outputs.shape[-1] == 1:
+        return jnp.mean(jnp.sign(outputs[..., 0]) == targets)
+    return jnp.mean(jnp.argmax(outputs, -1) == targets)
+
+
 def loss_fn(model: Any, batch: dict[str, jax.Array], config: Any) -> tuple[jax.Array, dict]:
     """The objective of `config.model` on `batch` ({'inputs', 'targets'})."""
     outputs, routings = model(batch["inputs"])
@@ -64,6 +72,8 @@ def loss_fn(model: Any, batch: dict[str, jax.Array], config: Any) -> tuple[jax.A
         loss = task_loss(outputs, batch["targets"], config.get("loss", "mse"),
                          config.get("mse_reduction", "sum"))
     metrics = {"task_loss": loss, **router_metrics(routings)}
+    if config.model != "transformer_moe":  # the MLP-MoE classifies
+        metrics["accuracy"] = accuracy(outputs, batch["targets"])
     weight = config.get("aux_loss_weight", 0.0)
     aux = metrics["aux_loss_sum" if config.get("aux_loss_layers", "mean") == "sum" else "aux_loss"]
     return (loss + weight * aux if weight else loss), metrics

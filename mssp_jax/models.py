@@ -11,11 +11,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
+from jax.sharding import PartitionSpec
 
 from mssp_jax.dispatch import Dispatch
 from mssp_jax.moe import MoE, Routing, gelu
 from mssp_jax.params import labelled_param
 from mssp_jax.scaling import ConfigError, Scaling
+
+
+ACTIVATION_AXES = ("batch", None, None)  # [B, T, N] between blocks: split like the batch only
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...] = ACTIVATION_AXES) -> jax.Array:
+    """Pins activation `x` to the mesh axes its logical `axes` map to under the mesh and rules a
+    training step is traced with (`sharding.activation_rules`); unchanged outside one. Left to
+    itself XLA may give an activation a layout it can only leave by replicating it (an embedding
+    lookup from a table split on `embed` comes out split on `embed`, not on the batch): XLA's
+    "involuntary full rematerialization"."""
+    rules = spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spmd.from_sharding_rules(axes, rules)))
 
 
 class Linear(nnx.Module):
@@ -127,7 +144,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing | None]:
         x = x + self.attn(self.attn_norm(x))
         y, routing = self.ffn(self.ffn_norm(x))
-        return x + y, routing
+        return constrain(x + y), routing
 
 
 class TransformerMoE(nnx.Module):
@@ -152,7 +169,8 @@ class TransformerMoE(nnx.Module):
         self.lm_head = Linear(s.N, vocab_size, "readout", ("embed", "vocab"), scaling, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[Routing]]:
-        x = self.embed_mult * jnp.take(self.embed[...], tokens, axis=0)
+        table = constrain(self.embed[...], ("vocab", None))  # whole rows: gathered like FSDP weights
+        x = constrain(self.embed_mult * jnp.take(table, tokens, axis=0))
         routings = []
         for block in self.blocks:
             x, routing = block(x)

@@ -1,5 +1,9 @@
-"""The pjit model: a config-driven device mesh, parameters placed by their logical-axis labels,
-and jitted train/eval steps with explicit in/out shardings.
+"""Placement: a config-driven device mesh and where every array lives on it, by logical axes.
+
+Every run is on a mesh (one device is the trivial mesh); `mssp_jax.train` jits its steps with the
+shardings made here. Parameters are placed by their logical-axis labels; activations are pinned by
+`models.constrain` to the same rules, which `activation_rules` puts in context while a step is
+traced.
 
 Mesh axes (config ``mesh.<axis>``, sizes; -1 = the remaining devices):
 
@@ -15,9 +19,10 @@ labels and logical axes that carry the scaling rules also decide the placement.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
-from typing import Any, Callable
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mssp_jax import expert_parallel, factory, train
+from mssp_jax import expert_parallel
 from mssp_jax.moe import MoE
 from mssp_jax.scaling import ConfigError
 
@@ -136,41 +141,27 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def use_expert_parallel(model: nnx.Module, mesh: Mesh, capacity_factor: float = 0.0) -> None:
-    """Routes every MoE layer's tokens by all_to_all when the mesh splits the experts."""
-    if mesh.shape["expert"] > 1:
-        ep = expert_parallel.make_dispatch(mesh, capacity_factor)
-        for _, module in nnx.iter_modules(model):
-            if isinstance(module, MoE):
-                module.dispatch = ep
+def use_mesh_dispatch(model: nnx.Module, mesh: Mesh, capacity_factor: float = 0.0) -> None:
+    """Routes every MoE layer's tokens on `mesh`: by all_to_all when ``mesh.expert > 1``
+    (`expert_parallel.expert_parallel`), else with its own dispatch on each device's tokens
+    (`expert_parallel.token_parallel`); unchanged on one device."""
+    if mesh.size == 1:
+        return
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MoE):
+            module.dispatch = (expert_parallel.make_dispatch(mesh, capacity_factor)
+                               if mesh.shape["expert"] > 1
+                               else expert_parallel.make_token_parallel(module.dispatch, mesh))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: tuple = LOGICAL_RULES,
                 capacity_factor: float = 0.0) -> nnx.Module:
-    """Moves `model`'s Params onto `mesh` as their labels ask (in place) and switches its MoE
-    layers to expert-parallel dispatch when ``mesh.expert > 1``."""
+    """Moves `model`'s Params onto `mesh` as their labels ask (in place) and routes its MoE
+    layers' tokens on the mesh (`use_mesh_dispatch`)."""
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.device_put(nnx.as_pure(state), param_shardings(state, mesh, rules)))
-    use_expert_parallel(model, mesh, capacity_factor)
+    use_mesh_dispatch(model, mesh, capacity_factor)
     return model
-
-
-@dataclasses.dataclass(frozen=True)
-class Sharded:
-    """A `train.Program` laid out on a mesh: the state ``{'params', 'opt_state'}`` of every leaf
-    with its target sharding (also the restore target of `checkpoint.Checkpointer`)."""
-
-    program: train.Program
-    mesh: Mesh
-    abstract_state: Any  # ShapeDtypeStructs carrying their shardings
-
-    @property
-    def state_shardings(self) -> Any:
-        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
-
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return data_sharding(self.mesh)
 
 
 def state_shardings(tx: optax.GradientTransformation, params: nnx.State, mesh: Mesh) -> Any:
@@ -184,64 +175,19 @@ def state_shardings(tx: optax.GradientTransformation, params: nnx.State, mesh: M
         transform_non_params=lambda _: NamedSharding(mesh, P()), is_leaf=masked)}
 
 
-def setup(config: Any, mesh: Mesh | None = None) -> Sharded:
-    """`train.setup` on a mesh (default: ``config.mesh``): the graph gets expert-parallel MoE
-    layers when the mesh splits the experts; every state leaf gets its sharding. No compute."""
-    program = train.setup(config)
-    mesh = mesh if mesh is not None else make_mesh(config)
-    validate_mesh(config, dict(mesh.shape))
-    model = nnx.eval_shape(lambda: factory.build_model(config, nnx.Rngs(config.seed),
-                                                         program.scaling))
-    dropless = config.get("dispatch", "auto") != "capacity"
-    use_expert_parallel(model, mesh, 0.0 if dropless else config.capacity_factor)
-    graphdef, params = nnx.split(model, nnx.Param)
-    program = dataclasses.replace(program, graphdef=graphdef)
-    abstract = jax.eval_shape(lambda: train.init_state(program))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_shardings(program.tx, params, mesh))
-    return Sharded(program, mesh, abstract)
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: tuple = LOGICAL_RULES) -> Iterator[None]:
+    """Inside a step being traced: the mesh (abstract) and the logical-axis rules that
+    `models.constrain` reads to pin activations to the same layout rules as the parameters."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+        yield
 
 
-def init_state(sharded: Sharded) -> Any:
-    """`train.init_state`, created directly sharded (same values on every mesh)."""
-    return jax.jit(lambda: train.init_state(sharded.program),
-                   out_shardings=sharded.state_shardings)()
-
-
-def global_batch(local_batch: Any, sharded: Sharded) -> Any:
+def global_batch(local_batch: Any, batch_sharding: NamedSharding) -> Any:
     """This process's slice of the batch (numpy, `data.Batches`) -> global arrays split over
     the batch axes."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        sharded.batch_sharding, np.asarray(x)), local_batch)
-
-
-def make_train_step(sharded: Sharded) -> Callable:
-    """`train.make_train_step` with explicit in/out shardings; takes this process's batch."""
-    step = jax.jit(train.make_train_step(sharded.program),
-                   in_shardings=(sharded.state_shardings, sharded.batch_sharding),
-                   out_shardings=(sharded.state_shardings, NamedSharding(sharded.mesh, P())),
-                   donate_argnums=0)
-    return lambda state, batch: step(state, global_batch(batch, sharded))
-
-
-def make_eval_step(sharded: Sharded) -> Callable:
-    """`train.make_eval_step` with explicit in/out shardings; takes this process's batch."""
-    step = jax.jit(train.make_eval_step(sharded.program),
-                   in_shardings=(sharded.state_shardings["params"], sharded.batch_sharding),
-                   out_shardings=NamedSharding(sharded.mesh, P()))
-    return lambda params, batch: step(params, global_batch(batch, sharded))
-
-
-def uses_mesh(config: Any) -> bool:
-    """Whether ``config.mesh`` spans more than one device."""
-    return math.prod(mesh_shape(config).values()) > 1
-
-
-def step_builders(config: Any) -> tuple[Callable, Callable, Callable]:
-    """Drop-ins for `train.init_state` / `make_train_step` / `make_eval_step` on config.mesh."""
-    sharded = setup(config)
-    return (lambda _: init_state(sharded), lambda _: make_train_step(sharded),
-            lambda _: make_eval_step(sharded))
+        batch_sharding, np.asarray(x)), local_batch)
 
 
 def initialize_distributed(config: Any) -> None:

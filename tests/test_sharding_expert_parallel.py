@@ -1,4 +1,5 @@
-"""Expert-parallel dispatch (shard_map + all_to_all) against the single-device dispatches.
+"""Expert-parallel (shard_map + all_to_all) and token-parallel dispatch against the single-device
+dispatches.
 
 Tolerance 1e-5 (relative, and absolute for entries near 0): only the order of float32 sums
 differs (per-shard partial sums, the tensor-axis psum); weight gradients sum T = 32 terms of size
@@ -68,9 +69,22 @@ def test_registered_name_uses_the_context_mesh():
         registered(x, w_up, w_down, idx, weights)
 
 
-def test_capacity_drops_like_capacity_dispatch_on_each_token_shard():
+@pytest.mark.parametrize("name", ["sorted", "dense"])
+def test_token_parallel_equals_one_device_with_gradients(name):
+    """Meshes that do not split the experts: the dispatch on each device's tokens, the experts'
+    hidden dim split over tensor (psum), N gathered from fsdp."""
+    fn = expert_parallel.make_token_parallel(dispatch.get(name), mesh(data=2, fsdp=2, tensor=2))
+    got, want = value_and_grads(fn), dense_value_and_grads()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL), got, want)
+
+
+@pytest.mark.parametrize("on_mesh", [
+    lambda capacity: expert_parallel.make_dispatch(mesh(data=2, expert=4), capacity_factor=1.0),
+    lambda capacity: expert_parallel.make_token_parallel(capacity, mesh(data=2, fsdp=4)),
+], ids=["expert_parallel", "token_parallel"])
+def test_capacity_drops_like_capacity_dispatch_on_each_token_shard(on_mesh):
     x, w_up, w_down, idx, weights = problem()
-    fn = expert_parallel.make_dispatch(mesh(data=2, expert=4), capacity_factor=1.0)
+    fn = on_mesh(dispatch.get("capacity", capacity_factor=1.0))
     got = jax.jit(lambda *a: fn(*a, jax.nn.gelu))(x, w_up, w_down, idx, weights)
     per_shard = dispatch.get("capacity", capacity_factor=1.0)
     shards = [slice(i * T // 8, (i + 1) * T // 8) for i in range(8)]
