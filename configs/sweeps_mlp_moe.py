@@ -36,8 +36,7 @@ def sweep_fields(*, scales, parameterizations, optimizers, seeds, lr_grids):
 
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg)
-    regime = args.get("regime", "II")
+    regime = common.parse_args(arg, {"regime": common.REGIMES})["regime"]
     c = common.base_config(common.shape(*BASE[regime]), regime=regime)
     c.model = "mlp_moe"
     c.task = "teacher"

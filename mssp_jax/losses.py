@@ -31,6 +31,7 @@ def router_metrics(routings: list[Routing]) -> dict[str, jax.Array]:
     }
 
 
+LOSSES = ("mse", "cross_entropy")  # the MLP-MoE's ``loss``
 MSE_REDUCTIONS = ("sum", "mean")  # over the classes of one example; batches are always averaged
 AUX_LOSS_LAYERS = ("mean", "sum")
 
@@ -52,7 +53,7 @@ def task_loss(outputs: jax.Array, targets: jax.Array, kind: str,
             raise ValueError(f"mse_reduction must be one of {list(MSE_REDUCTIONS)}, "
                              f"got {mse_reduction!r}")
         return jnp.mean(jnp.sum(per_class, -1) if mse_reduction == "sum" else per_class)
-    raise ValueError(f"loss must be one of ['mse', 'cross_entropy'], got {kind!r}")
+    raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
 
 
 def loss_fn(model: Any, batch: dict[str, jax.Array], config: Any) -> tuple[jax.Array, dict]:
