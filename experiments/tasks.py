@@ -55,6 +55,6 @@ def dataset_rows(config: Any, split: str, rows: int) -> Split:
     examples = data_lib.load(config, split)
     if rows > examples.num:
         raise ConfigError(f"{split!r} of {config.data.name!r} has {examples.num} examples; {rows} "
-                         "are needed (steps * batch_size or eval_size)")
+                          "are needed (steps * batch_size or eval_size)")
     order = np.random.default_rng(config.data_seed).permutation(examples.num)[:rows]
     return examples.take(order)

@@ -1,6 +1,7 @@
 """Embedded TFDS datasets round-trip; batches are deterministic, sharded and resumable."""
 
 import gzip
+import logging
 import sys
 import tarfile
 
@@ -29,6 +30,17 @@ def test_shakespeare_round_trip_without_tensorflow(data_dir):
     assert [train[i]["text"] for i in range(len(train))] == expected  # stored order kept
     assert b.info.file_format.value == "array_record"
     assert "tensorflow" not in sys.modules
+
+
+def test_embedded_dataset_is_prepared_quietly_and_says_where(tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
+    b = data.builder("uci_digits", str(tmp_path))
+    assert b.data_dir.startswith(str(tmp_path / "uci_digits"))
+    out, err = capfd.readouterr()  # no "Downloading ... Unknown size", no absl warning
+    assert out == f"preparing the embedded dataset uci_digits in {b.data_dir} (once, offline)\n"
+    assert err == "" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    data.builder("uci_digits", str(tmp_path))  # prepared: reused silently
+    assert capfd.readouterr() == ("", "")
 
 
 def test_digits_round_trip(data_dir):
