@@ -15,8 +15,10 @@ A split is held in memory as arrays (`Examples`); `Batches` draws from it in an 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,12 +137,25 @@ class Mnist1d(EmbeddedBuilder):
 EMBEDDED = {"shakespeare_plays": ShakespearePlays, "uci_digits": UciDigits, "mnist1d": Mnist1d}
 
 
+@contextlib.contextmanager
+def _scratch_tempdir() -> Iterator[None]:
+    """Temporary files in a folder removed on exit: a TFDS builder of a dataset not yet prepared
+    makes an empty /tmp/tmp*tfds folder (DatasetInfo.initialize_from_bucket) and leaves it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        previous, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 def builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
     """The TFDS builder of `name` in `data_dir` ('': TFDS's data directory, $TFDS_DATA_DIR or
     else ~/tensorflow_datasets), prepared: embedded ones are built there on first use, offline."""
     data_dir = data_dir or None
     if name in EMBEDDED:
-        b = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
+        with _scratch_tempdir():
+            b = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
         if not b.data_path.exists():  # (is_prepared() would log a warning about the new folder)
             tfds.disable_progress_bar()
             b.download_and_prepare()  # seconds, once per data directory
@@ -149,7 +164,8 @@ def builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
            f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record` "
            "(TFDS's builders need tensorflow to download), then pass --config.data.data_dir")
     try:
-        b = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        with _scratch_tempdir():
+            b = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ConfigError(f"data.name: TFDS has no dataset {name!r} (embedded: {list(EMBEDDED)}); "
                           f"if it needs tensorflow to load, {how}") from e

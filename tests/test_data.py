@@ -4,6 +4,7 @@ import gzip
 import logging
 import sys
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -32,14 +33,18 @@ def test_shakespeare_round_trip_without_tensorflow(data_dir):
     assert "tensorflow" not in sys.modules
 
 
-def test_embedded_dataset_is_prepared_quietly_and_says_where(tmp_path, capfd, caplog):
+def test_embedded_dataset_is_prepared_quietly_says_where_and_leaves_no_temp_files(
+        tmp_path, capfd, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="absl")
-    b = data.builder("uci_digits", str(tmp_path))
-    assert b.data_dir.startswith(str(tmp_path / "uci_digits"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # stands for /tmp
+    b = data.builder("uci_digits", str(tmp_path / "data"))
+    assert b.data_dir.startswith(str(tmp_path / "data" / "uci_digits"))
+    assert list((tmp_path / "tmp").iterdir()) == []  # TFDS alone leaves an empty tmp*tfds
     out, err = capfd.readouterr()  # no "Downloading ... Unknown size", no absl warning
     assert out == f"preparing the embedded dataset uci_digits in {b.data_dir} (once, offline)\n"
     assert err == "" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    data.builder("uci_digits", str(tmp_path))  # prepared: reused silently
+    data.builder("uci_digits", str(tmp_path / "data"))  # prepared: reused silently
     assert capfd.readouterr() == ("", "")
 
 
