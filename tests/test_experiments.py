@@ -53,11 +53,15 @@ def _cells(workdir):
     return sorted(os.listdir(os.path.join(workdir, "cells")))
 
 
+ONE_PARAMETERIZATION = ("mssp",)  # of the quick sweep's two: the second adds time, not coverage
+
+
 def _sweep_until_sigterm(workdir, stop_at: str) -> tuple[int, str, str]:
     """Runs the README's quick sweep as a process and sends it SIGTERM once cell `stop_at` has
     started; returns (exit status, stdout, stderr)."""
     cmd = [sys.executable, "run.py", "sweep", "--config", "configs/sweeps_mlp_moe.py:regime=II",
-           "--config.quick=True", f"--workdir={workdir}"]
+           "--config.quick=True", f"--workdir={workdir}",
+           f"--config.quick_overrides.sweep.parameterizations={ONE_PARAMETERIZATION}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     out = []
@@ -72,20 +76,22 @@ def _sweep_until_sigterm(workdir, stop_at: str) -> tuple[int, str, str]:
 def test_quick_sweep_stopped_by_sigterm_resumes_records_divergence_and_plots(tmp_path, capsys):
     config = sweeps_mlp_moe.get_config("regime=II")
     config.quick = True
+    config.quick_overrides.sweep.parameterizations = ONE_PARAMETERIZATION
     workdir = str(tmp_path)
     cells = sweep.plan(sweep.prepare(config))
     plan = [c.key for c in cells]
-    status, out, err = _sweep_until_sigterm(workdir, stop_at=plan[2])
+    assert plan == ["mult-II-adam-mssp-x1", "lr-II-adam-mssp-x1", "lr-II-adam-mssp-x2"]
+    status, out, err = _sweep_until_sigterm(workdir, stop_at=plan[1])
     assert status == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in out and "Traceback" not in err and "Warning" not in err
-    assert _cells(workdir) == sorted(f"{key}.json" for key in plan[:3])  # the cell in progress too
-    written = [os.stat(sweep.cell_path(workdir, c)).st_mtime_ns for c in cells[:3]]
+    assert _cells(workdir) == sorted(f"{key}.json" for key in plan[:2])  # the cell in progress too
+    written = [os.stat(sweep.cell_path(workdir, c)).st_mtime_ns for c in cells[:2]]
     # a writer killed mid-write (SIGKILL) leaves only a .tmp file: that cell must run again
-    with open(os.path.join(workdir, "cells", f"{plan[3]}.json.tmp"), "w") as f:
+    with open(os.path.join(workdir, "cells", f"{plan[2]}.json.tmp"), "w") as f:
         f.write('{"trunc')
     second = sweep.run_sweep(config, workdir)
-    assert second == {"ran": plan[3:], "skipped": plan[:3], "stopped_by": None}
-    assert [os.stat(sweep.cell_path(workdir, c)).st_mtime_ns for c in cells[:3]] == written
+    assert second == {"ran": plan[2:], "skipped": plan[:2], "stopped_by": None}
+    assert [os.stat(sweep.cell_path(workdir, c)).st_mtime_ns for c in cells[:2]] == written
     capsys.readouterr()
     assert sweep.main(config, workdir) == 0  # everything finished: only summarises and plots
     printed = capsys.readouterr().out
