@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
 
         return (sweep if mode == "sweep" else coord_check).main(config, _WORKDIR.value)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return cli.USAGE_ERROR
 
 

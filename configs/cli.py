@@ -98,7 +98,7 @@ def load_config(spec: str) -> Any:
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         files = list(config_files())
-        close = difflib.get_close_matches(path, files, n=1)
+        close = difflib.get_close_matches(path, files, n=1, cutoff=0.8)
         hint = f"did you mean {close[0]}? " if close else ""
         raise CommandLineError(f"--config {spec}: no such file; {hint}config files: "
                                f"{', '.join(files)} (python3 run.py --help describes them)")
