@@ -1,6 +1,8 @@
 """mssp_jax command line: python run.py <mode> --config configs/<file>.py [--config.<field>=<value>].
 
-Modes: train (the default: `python run.py` runs the main job), eval, describe, sweep, coord_check.
+Modes: train (the default: `python run.py` runs the main job), eval, describe, sweep, coord_check;
+`python run.py --help` lists them and the config files. Mistakes on the command line or in the
+config print one line and exit with status 2 (configs/cli.py, mssp_jax.ConfigError).
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "describe", "sweep", "coord_check")
-DEFAULT_CONFIG = "configs/transformer_moe.py"
-DEFAULT_WORKDIR = "runs/default"
+from configs import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Where outputs are written.")
+# No default here: config_flags would load it at import, before cli.parse_flags checks anything.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, f"Experiment config file (default {cli.DEFAULT_CONFIG}).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where outputs are written.")
 _JSON = flags.DEFINE_bool("json", False, "describe: print JSON instead of a table.")
+_FIELDS = flags.DEFINE_bool("fields", False, "describe: print every config field and its value.")
 
 
 def describe_main(config) -> None:
@@ -34,11 +36,12 @@ def describe_main(config) -> None:
 
 
 def main(argv: list[str]) -> int:
-    mode = argv[1] if len(argv) > 1 else "train"
-    if mode not in MODES or len(argv) > 2:
-        raise app.UsageError(f"usage: run.py [{'|'.join(MODES)}] --config <file> ...; got {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # backend probing and orbax log at INFO
+    mode = argv[1] if len(argv) > 1 else "train"  # cli.parse_flags checked it
     config = _CONFIG.value
+    if mode == "describe" and _FIELDS.value:
+        print(cli.format_fields(config))
+        return 0
+    logging.set_verbosity(logging.WARNING)  # backend probing and orbax log at INFO
     from mssp_jax.scaling import ConfigError
 
     try:
@@ -53,9 +56,9 @@ def main(argv: list[str]) -> int:
 
         return (sweep if mode == "sweep" else coord_check).main(config, _WORKDIR.value)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e}", file=sys.stderr)
+        return cli.USAGE_ERROR
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

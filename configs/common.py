@@ -20,9 +20,33 @@ def regime_shape(base: tuple[int, int, int, int], regime: str, scale: int, depth
                  k * scale if grow_m else k, depth)
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """'regime=II,scale=4' -> {'regime': 'II', 'scale': '4'} (big_vision-style config args)."""
-    return dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+REGIMES = ("II", "I", "III")  # a config argument's allowed values; the first is its default
+
+
+def parse_args(arg: str | None, allowed: dict[str, tuple[str, ...]],
+               **integers: int) -> dict[str, str | int]:
+    """The config's arguments (big_vision style: 'regime=II,scale=4' after the file's ':'), every
+    one present: `allowed` maps a name to its allowed values, the first the default; `integers`
+    maps a name to its default, any positive integer allowed. Raises ConfigError naming the
+    argument and its allowed values."""
+    names = [*allowed, *integers]
+    out: dict[str, str | int] = {k: v[0] for k, v in allowed.items()} | integers
+    for item in arg.split(",") if arg else ():
+        key, _, value = item.partition("=")
+        if key in allowed and value in allowed[key]:
+            out[key] = value
+        elif key in integers and value.isdigit() and int(value) >= 1:
+            out[key] = int(value)
+        else:
+            # Imported here: loading a config stays free of JAX (fast flag errors and --help).
+            from mssp_jax.scaling import ConfigError
+
+            if key not in names:
+                raise ConfigError(f"config argument {item!r}: unknown name {key!r}; allowed "
+                                  f"names {names} (as name=value, joined by commas)")
+            values = "a positive integer" if key in integers else f"one of {list(allowed[key])}"
+            raise ConfigError(f"config argument {key} must be {values}, got {value!r}")
+    return out
 
 
 def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II",

@@ -15,12 +15,12 @@ import ml_collections
 from configs import common
 
 BASE = {"I": (64, 64, 8, 2), "II": (64, 16, 8, 2), "III": (64, 64, 8, 2)}
+TASKS = ("multiclass", "binary")
 
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg)
-    regime, scale = args.get("regime", "II"), int(args.get("scale", "1"))
-    task = args.get("task", "multiclass")
+    args = common.parse_args(arg, {"regime": common.REGIMES, "task": TASKS}, scale=1)
+    regime, scale, task = args["regime"], args["scale"], args["task"]
     c = common.base_config(common.shape(*BASE[regime]), regime=regime, learning_rate=1e-2)
     c.shape = common.regime_shape(BASE[regime], regime, scale)
     c.model = "mlp_moe"

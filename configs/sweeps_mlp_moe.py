@@ -36,8 +36,7 @@ def sweep_fields(*, scales, parameterizations, optimizers, seeds, lr_grids):
 
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg)
-    regime = args.get("regime", "II")
+    regime = common.parse_args(arg, {"regime": common.REGIMES})["regime"]
     c = common.base_config(common.shape(*BASE[regime]), regime=regime)
     c.model = "mlp_moe"
     c.task = "teacher"
@@ -57,11 +56,12 @@ def get_config(arg: str | None = None):
 
 
 def quick_overrides(regime: str) -> dict:
-    """What `--config.quick=True` changes: tiny shapes and grids, for the end-to-end tests
-    (an LR of 1e30 makes one run per cell diverge, so divergence handling is exercised)."""
+    """What `--config.quick=True` changes: tiny shapes and grids and the dispatch that compiles
+    fastest, for the end-to-end tests (an LR of 1e30 makes one run per cell diverge, so
+    divergence handling is exercised)."""
     return dict(
         base_shape=common.shape(8, 4 if regime == "II" else 8, 4, 1).to_dict(),
-        steps=6, batch_size=4, eval_size=16, input_dim=8,
+        steps=6, batch_size=4, eval_size=16, input_dim=8, dispatch="dense",
         sweep=dict(scales=(1, 2), parameterizations=("sp", "mssp"), optimizers=("adam",), seeds=(0,),
                    lr_grids={"adam": (1e-2, 1e30), "sgd": (1e-2, 1e30)}, early_steps=3,
                    multipliers=dict(factors=(4.0,), use=("lr_readout",))),

@@ -16,8 +16,7 @@ LR_GRIDS = {"adam": tuple(2.0**e for e in range(-9, -3)),
 
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg)
-    regime = args.get("regime", "III")
+    regime = common.parse_args(arg, {"regime": ("III", "I", "II")})["regime"]
     c = transformer_moe.get_config(f"regime={regime}")
     c.base_shape = common.shape(*BASE[regime], 2)
     c.shape = common.regime_shape(BASE[regime], regime, 1, 2)

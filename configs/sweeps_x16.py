@@ -16,9 +16,9 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common, sweeps_mlp_moe
-from configs.paper.mlp_moe import PARAMETERIZATIONS, parse
+from configs.paper.mlp_moe import PARAMETERIZATIONS
 
-ARGS = {"regime": ("II", "I", "III"), "optimizer": ("adam", "sgd"), "data": ("mnist1d", "teacher"),
+ARGS = {"regime": common.REGIMES, "optimizer": ("adam", "sgd"), "data": ("mnist1d", "teacher"),
         "constants": ("paper", "ratio"), "routing": ("topk", "soft")}
 # Grids: the reference's spacing (SGD x2, Adam x sqrt(10)), placed by a 300-step pilot at x1 and x4
 # (regime II, MNIST-1D) so that every optimum was inside; the paper form's LRs multiply absolute
@@ -35,7 +35,7 @@ SCALES = {"I": (1, 2, 4, 8, 16), "II": (1, 2, 4, 8, 16), "III": (1, 2, 4, 8)}
 
 
 def get_config(arg: str | None = None):
-    a = parse(arg, ARGS)
+    a = common.parse_args(arg, ARGS)
     regime, optimizer, soft = a["regime"], a["optimizer"], a["routing"] == "soft"
     base = (32, 16 if regime == "II" else 32, 4, 4 if soft else 1)
     c = common.base_config(common.shape(*base), regime=regime, optimizer=optimizer)

@@ -16,8 +16,8 @@ BASE = {"I": (64, 64, 4, 2), "II": (64, 16, 4, 2), "III": (64, 64, 4, 2)}
 
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg)
-    regime, scale, depth = args.get("regime", "III"), int(args.get("scale", "1")), 2
+    args = common.parse_args(arg, {"regime": ("III", "I", "II")}, scale=1)
+    regime, scale, depth = args["regime"], args["scale"], 2
     c = common.base_config(common.shape(*BASE[regime], depth), regime=regime, learning_rate=1e-2)
     c.shape = common.regime_shape(BASE[regime], regime, scale, depth)
     c.model = "transformer_moe"

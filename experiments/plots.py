@@ -26,6 +26,11 @@ def _nan(xs: list) -> np.ndarray:
     return np.asarray([np.nan if x is None else x for x in xs], float)
 
 
+def _log_xlim(ax, xs: list) -> None:
+    """Limits with a margin, also for a single point (where matplotlib's own are singular)."""
+    ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+
+
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
@@ -51,6 +56,7 @@ def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
             if fam is None:
                 ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center")
                 continue
+            _log_xlim(ax, fam["lrs"])
             for colour, scale, mean, std, i in zip(scale_colours(len(fam["scales"])), fam["scales"],
                                                    fam["mean_loss"], fam["std_loss"],
                                                    fam["opt_index"]):
@@ -65,7 +71,8 @@ def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
             ax.legend(fontsize=7, title="scale", title_fontsize=7)
         if row.size:  # a few near-divergent points would squash the rest of the row
             low, high = row.min(), np.percentile(row, 90)
-            axes[r, 0].set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+            margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05  # one value: a margin too
+            axes[r, 0].set_ylim(low - margin, high + margin)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -80,6 +87,7 @@ def loss_vs_scale(table: dict[str, Any], regime: str, path: str) -> str:
             ax.plot(fam["scales"], _nan(fam["best_loss"]), PARAM_STYLE[param][0], mfc="none",
                     color=line.get_color(), ls="none", label=f"{param} (per-scale opt)")
         ax.set_xscale("log", base=2)
+        _log_xlim(ax, [s for fam in fams.values() for s in fam["scales"]])
         ax.set_xlabel("scale (width ratio N/N0)")
         ax.set_ylabel("final eval loss")
         ax.set_title(f"{opt}, regime {regime}")
@@ -111,7 +119,8 @@ def early_curves(records: list[dict[str, Any]], table: dict[str, Any], regime: s
         ax.set_xlabel("step")
         ax.set_ylabel(f"training loss ({SMOOTH}-step mean)")
         ax.set_title(f"early training, {opt}, regime {regime}")
-        ax.legend(fontsize=7, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # nothing to plot when every LR diverged at x1
+            ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 

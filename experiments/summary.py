@@ -25,6 +25,14 @@ def seed_mean(table: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(table).any(-1), np.nan, np.nanmean(np.nan_to_num(table), -1))
 
 
+def seed_std(table: np.ndarray) -> np.ndarray:
+    """Std over the finished seeds of each LR; NaN where none finished (no warning)."""
+    std = np.full(len(table), np.nan)
+    some = ~np.isnan(table).all(-1)
+    std[some] = np.nanstd(table[some], -1)
+    return std
+
+
 def best_of_grid(runs: list[dict[str, Any]]) -> tuple[float, float]:
     """(best LR, its seed-mean loss); (nan, inf) when every LR diverged."""
     lrs, table = loss_table(runs)
@@ -52,7 +60,8 @@ def family_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "scales": scales, "lrs": lrs,
         "mean_loss": [[None if np.isnan(x) else float(x) for x in m] for m in means],
-        "std_loss": [[None if np.isnan(x) else float(x) for x in np.nanstd(t, -1)] for t in tables],
+        "std_loss": [[None if np.isnan(x) else float(x) for x in seed_std(t)] for t in tables],
+        "seeds": [t.shape[1] for t in tables],
         "diverged": [[int(x) for x in np.isnan(t).sum(-1)] for t in tables],
         "opt_lr": [lrs[i] if i is not None else None for i in opt_idx],
         "opt_index": opt_idx,
@@ -76,18 +85,26 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(out)
 
 
+TABLE_NOTES = ("*: the optimum is at the edge of the LR grid, so the true optimum may lie outside "
+               "it; div: every LR diverged. Drift: how many grid steps the optimal LR moves across "
+               "scales. Monotone: the loss falls at every larger scale, at each scale's best LR / "
+               "at the base scale's best LR.")
+
+
 def format_table(table: dict[str, Any]) -> str:
-    """A Markdown table: one row per (optimizer, parameterization)."""
-    lines = ["| optimizer | param | scales | optimal LR per scale | drift (grid steps) | "
+    """A Markdown table, one row per (optimizer, parameterization), then what its marks mean."""
+    lines = ["| optimizer | param | scales | n seeds | optimal LR per scale | drift (grid steps) | "
              "best loss per scale (mean ± std over seeds) | monotone (best / at base LR) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for opt, fams in table.items():
         for param, f in fams.items():
             lrs = ", ".join("div" if x is None else f"{x:.3g}" +
                             ("*" if edge else "") for x, edge in
                             zip(f["opt_lr"], f["opt_at_grid_edge"]))
-            losses = ", ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(f["best_loss"],
-                                                                   f["best_loss_std"]))
-            lines.append(f"| {opt} | {param} | {f['scales']} | {lrs} | {f['drift_steps']} | "
-                         f"{losses} | {f['monotone_best']} / {f['monotone_at_base_lr']} |")
-    return "\n".join(lines)
+            losses = ", ".join(f"{m:.4f}" + (f" ± {s:.4f}" if n > 1 else "") for m, s, n in
+                               zip(f["best_loss"], f["best_loss_std"], f["seeds"]))
+            seeds = sorted(set(f["seeds"]))
+            lines.append(f"| {opt} | {param} | {f['scales']} | {', '.join(map(str, seeds))} | "
+                         f"{lrs} | {f['drift_steps']} | {losses} | "
+                         f"{f['monotone_best']} / {f['monotone_at_base_lr']} |")
+    return "\n".join([*lines, "", TABLE_NOTES])

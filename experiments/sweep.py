@@ -4,6 +4,9 @@ The unit of work is a *cell*: one (parameterization, optimizer, scale) trained o
 grid and all seeds as one vmapped program (`mssp_jax.vmap_train`). Each finished cell is written
 atomically to ``<workdir>/cells/<key>.json``; a re-run skips cells whose file exists, so a killed
 sweep continues where it stopped. Diverged runs are recorded (``diverged: true``), never fatal.
+SIGTERM or SIGINT (Ctrl-C) stops the sweep once the cell in progress is written (a signal cannot
+interrupt its XLA program); a second one acts as it would without us (SIGTERM kills at once, and
+the interrupted cell runs again on the next run).
 
 Before the LR cells, a multiplier sweep at the base shape (``kind = mult``) tries per-role
 init / LR multipliers one knob at a time; its best point is written into the ``tuned`` fields of
@@ -12,16 +15,19 @@ every LR cell's table (the same constants at every scale, as a base-tuned hyperp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from configs import common
 from experiments import plots, summary, tasks
-from mssp_jax import vmap_train
+from mssp_jax import factory, vmap_train
 
 Multipliers = dict[str, dict[str, float]]  # {'init' | 'lr': {role: factor}}
 
@@ -160,22 +166,50 @@ def _runs(result: vmap_train.SweepResult, early_steps: int) -> list[dict[str, An
     return runs
 
 
-def run_sweep(config: Any, workdir: str) -> dict[str, list[str]]:
-    """Runs every unfinished cell (at most `sweep.max_cells` of them, if set); returns the keys
-    of the cells it ran and skipped."""
+def validate(config: Any) -> None:
+    """Every cell's config, before any cell trains (raises ConfigError)."""
+    for cell in plan(config):
+        factory.validate(cell_config(config, cell))
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[signal.Signals]]:
+    """Records the first SIGTERM / SIGINT in the yielded list instead of acting on it; after that
+    signal its default action is back, so a second one stops the process at once."""
+    received: list[signal.Signals] = []
+
+    def handle(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum))
+        signal.signal(signum, previous[signum])
+        print(f"[sweep] {received[0].name}: stopping once the cell in progress is written "
+              "(send it again to stop at once)", flush=True)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, action in previous.items():
+            signal.signal(sig, action)
+
+
+def run_sweep(config: Any, workdir: str) -> dict[str, Any]:
+    """Runs every unfinished cell (at most `sweep.max_cells` of them, if set) until a stop
+    signal; returns the keys of the cells it ran and skipped and the signal (None if none)."""
     config = prepare(config)
+    validate(config)
     data = tasks.load(config)
     ran, skipped, budget = [], [], config.sweep.get("max_cells", 0)
-    for cell in plan(config):
-        if os.path.exists(cell_path(workdir, cell)):
-            skipped.append(cell.key)
-            continue
-        if budget and len(ran) >= budget:
-            break
-        print(f"[sweep] {cell.key}", flush=True)
-        write_atomic(cell_path(workdir, cell), run_cell(config, cell, data, workdir))
-        ran.append(cell.key)
-    return {"ran": ran, "skipped": skipped}
+    with stop_requests() as stop:
+        for cell in plan(config):
+            if os.path.exists(cell_path(workdir, cell)):
+                skipped.append(cell.key)
+                continue
+            if stop or (budget and len(ran) >= budget):
+                break
+            print(f"[sweep] {cell.key}", flush=True)
+            write_atomic(cell_path(workdir, cell), run_cell(config, cell, data, workdir))
+            ran.append(cell.key)
+    return {"ran": ran, "skipped": skipped, "stopped_by": stop[0] if stop else None}
 
 
 def finished(config: Any, workdir: str) -> list[dict[str, Any]]:
@@ -201,12 +235,20 @@ def main(config: Any, workdir: str) -> int:
     With ``--config.sweep.only_summarize=True`` nothing trains: the finished cells of the plan are
     summarised and plotted (e.g. after sweeps that ran subsets of it into the same workdir).
     """
+    cells = os.path.join(workdir, "cells")
     if not config.sweep.get("only_summarize", False):
         status = run_sweep(config, workdir)
         print(f"[sweep] ran {len(status['ran'])} cells, skipped {len(status['skipped'])} finished")
+        if status["stopped_by"]:
+            print(f"[sweep] stopped by {status['stopped_by'].name}; the finished cells are in "
+                  f"{cells}/ and the same command resumes with the next one")
+            return 128 + status["stopped_by"]  # the shell's status for a signal
     records = finished(config, workdir)
     table = summary.summarize(records)
-    write_atomic(os.path.join(workdir, f"summary_{config.regime}.json"), table)
-    plots.sweep_figures(table, records, workdir, config.regime)
+    path = os.path.join(workdir, f"summary_{config.regime}.json")
+    write_atomic(path, table)
+    figures = plots.sweep_figures(table, records, workdir, config.regime)
     print(summary.format_table(table))
+    print(f"[sweep] summary: {path}; cells: {cells}/")
+    print(f"[sweep] figures: {', '.join(figures) or 'none (no finished LR cell)'}")
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mssp_jax import data as data_lib
+from mssp_jax.scaling import ConfigError
 
 Split = dict[str, np.ndarray]
 TASKS = ("teacher", "lm", "images")
@@ -45,7 +46,7 @@ def load(config: Any) -> dict[str, Split]:
     if config.task in ("lm", "images"):
         return {"train": dataset_rows(config, config.data.train_split, n_train),
                 "eval": dataset_rows(config, config.data.eval_split, n_eval)}
-    raise ValueError(f"task must be one of {list(TASKS)}, got {config.task!r}")
+    raise ConfigError(f"task must be one of {list(TASKS)}, got {config.task!r}")
 
 
 def dataset_rows(config: Any, split: str, rows: int) -> Split:
@@ -53,7 +54,7 @@ def dataset_rows(config: Any, split: str, rows: int) -> Split:
     ``config.data_seed``."""
     examples = data_lib.load(config, split)
     if rows > examples.num:
-        raise ValueError(f"{split!r} of {config.data.name!r} has {examples.num} examples; {rows} "
-                         "are needed (steps * batch_size or eval_size)")
+        raise ConfigError(f"{split!r} of {config.data.name!r} has {examples.num} examples; {rows} "
+                          "are needed (steps * batch_size or eval_size)")
     order = np.random.default_rng(config.data_seed).permutation(examples.num)[:rows]
     return examples.take(order)

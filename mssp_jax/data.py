@@ -15,8 +15,10 @@ A split is held in memory as arrays (`Examples`); `Batches` draws from it in an 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,22 @@ TASKS = ("multiclass", "binary")
 
 
 class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
-    """A builder over files shipped in `EMBEDDED_DIR`: nothing to download, no checksums.
+    """A builder over files shipped in `EMBEDDED_DIR` (or generated locally): nothing to
+    download, no checksums. A new embedded dataset subclasses it and joins `EMBEDDED`.
 
     (Declaring no URLs also keeps TFDS from probing the module path for a checksums file, which
     needs the optional `importlib_resources` package.)
     """
 
     url_infos = None
+
+    def _log_download_bytes(self) -> None:
+        """One line instead of TFDS's 'Downloading and preparing dataset Unknown size ...'."""
+        print(f"preparing the embedded dataset {self.name} in {self.data_dir} (once, offline)",
+              flush=True)
+
+    def _log_download_done(self) -> None:
+        """Nothing: TFDS would print 'downloaded and prepared' (nothing was downloaded)."""
 
 
 class ShakespearePlays(EmbeddedBuilder):
@@ -126,24 +137,39 @@ class Mnist1d(EmbeddedBuilder):
 EMBEDDED = {"shakespeare_plays": ShakespearePlays, "uci_digits": UciDigits, "mnist1d": Mnist1d}
 
 
+@contextlib.contextmanager
+def _scratch_tempdir() -> Iterator[None]:
+    """Temporary files in a folder removed on exit: a TFDS builder of a dataset not yet prepared
+    makes an empty /tmp/tmp*tfds folder (DatasetInfo.initialize_from_bucket) and leaves it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        previous, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 def builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `name`, prepared (embedded ones are built on first use, offline)."""
-    data_dir = data_dir or None  # '' -> TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+    """The TFDS builder of `name` in `data_dir` ('': TFDS's data directory, $TFDS_DATA_DIR or
+    else ~/tensorflow_datasets), prepared: embedded ones are built there on first use, offline."""
+    data_dir = data_dir or None
     if name in EMBEDDED:
-        b = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
-        if not b.is_prepared():  # seconds, offline, once per data_dir
+        with _scratch_tempdir():
+            b = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
+        if not b.data_path.exists():  # (is_prepared() would log a warning about the new folder)
             tfds.disable_progress_bar()
-            b.download_and_prepare()
+            b.download_and_prepare()  # seconds, once per data directory
         return b
     how = (f"prepare it once on a machine with network access: `tfds build {name} "
            f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record` "
            "(TFDS's builders need tensorflow to download), then pass --config.data.data_dir")
     try:
-        b = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        with _scratch_tempdir():
+            b = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ConfigError(f"data.name: TFDS has no dataset {name!r} (embedded: {list(EMBEDDED)}); "
                           f"if it needs tensorflow to load, {how}") from e
-    if not b.is_prepared():
+    if not (b.data_path.exists() and b.is_prepared()):
         raise ConfigError(f"data.name: dataset {name!r} is not prepared in {b.data_dir}; {how}")
     if b.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         raise ConfigError(f"data.name: dataset {name!r} in {b.data_dir} is stored as "

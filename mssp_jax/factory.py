@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from mssp_jax import dispatch as dispatch_lib
-from mssp_jax import optim, paper, presets
+from mssp_jax import losses, moe, optim, paper, presets
 from mssp_jax.models import MLPMoE, TransformerMoE
 from mssp_jax.scaling import ConfigError, Scaling, Shape, make_scaling
 
@@ -79,17 +79,28 @@ def scaling_from_config(config: Any) -> Scaling:
                         input_dim=config.get("input_dim", 0))
 
 
+def check_choices(config: Any) -> None:
+    """The fields that take one of a few names, checked here since their modules read them only
+    mid-compute (the others: regime, parameterization, ... in `make_scaling`)."""
+    choices = {"model": MODELS, "optimizer.name": presets.OPTIMIZERS,
+               "dispatch": dispatch_lib.names(), "load_balance": list(moe.LOAD_BALANCE),
+               "loss": losses.LOSSES, "mse_reduction": losses.MSE_REDUCTIONS,
+               "aux_loss_layers": losses.AUX_LOSS_LAYERS}
+    for field, allowed in choices.items():
+        block, _, name = field.rpartition(".")
+        holder = config[block] if block else config
+        if name in holder and holder[name] not in allowed:
+            raise ConfigError(f"{field} must be one of {list(allowed)}, got {holder[name]!r}")
+
+
 def validate(config: Any) -> Scaling:
     """Everything checkable before any compute; returns the Scaling."""
-    if config.model not in MODELS:
-        raise ConfigError(f"model must be one of {list(MODELS)}, got {config.model!r}")
+    check_choices(config)
     scaling = scaling_from_config(config)
     if config.model == "transformer_moe":
         head_dim, width = config.head_dim, scaling.shape.N
         if head_dim <= 0 or width % head_dim:
             raise ConfigError(f"shape.width ({width}) must be divisible by head_dim ({head_dim})")
-    if config.get("dispatch", "auto") not in dispatch_lib.names():
-        raise ConfigError(f"dispatch must be one of {dispatch_lib.names()}, got {config.dispatch!r}")
     return scaling
 
 

@@ -32,6 +32,7 @@ def router_metrics(routings: list[Routing]) -> dict[str, jax.Array]:
     }
 
 
+LOSSES = ("mse", "cross_entropy")  # the MLP-MoE's ``loss``
 MSE_REDUCTIONS = ("sum", "mean")  # over the classes of one example; batches are always averaged
 AUX_LOSS_LAYERS = ("mean", "sum")
 
@@ -53,7 +54,7 @@ def task_loss(outputs: jax.Array, targets: jax.Array, kind: str,
             raise ValueError(f"mse_reduction must be one of {list(MSE_REDUCTIONS)}, "
                              f"got {mse_reduction!r}")
         return jnp.mean(jnp.sum(per_class, -1) if mse_reduction == "sum" else per_class)
-    raise ValueError(f"loss must be one of ['mse', 'cross_entropy'], got {kind!r}")
+    raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
 
 
 def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:

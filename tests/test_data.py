@@ -1,8 +1,10 @@
 """Embedded TFDS datasets round-trip; batches are deterministic, sharded and resumable."""
 
 import gzip
+import logging
 import sys
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -29,6 +31,21 @@ def test_shakespeare_round_trip_without_tensorflow(data_dir):
     assert [train[i]["text"] for i in range(len(train))] == expected  # stored order kept
     assert b.info.file_format.value == "array_record"
     assert "tensorflow" not in sys.modules
+
+
+def test_embedded_dataset_is_prepared_quietly_says_where_and_leaves_no_temp_files(
+        tmp_path, capfd, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="absl")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # stands for /tmp
+    b = data.builder("uci_digits", str(tmp_path / "data"))
+    assert b.data_dir.startswith(str(tmp_path / "data" / "uci_digits"))
+    assert list((tmp_path / "tmp").iterdir()) == []  # TFDS alone leaves an empty tmp*tfds
+    out, err = capfd.readouterr()  # no "Downloading ... Unknown size", no absl warning
+    assert out == f"preparing the embedded dataset uci_digits in {b.data_dir} (once, offline)\n"
+    assert err == "" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    data.builder("uci_digits", str(tmp_path / "data"))  # prepared: reused silently
+    assert capfd.readouterr() == ("", "")
 
 
 def test_digits_round_trip(data_dir):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,8 @@ from flax import nnx
 from configs import sweeps_coord_check, sweeps_mlp_moe, sweeps_transformer_moe
 from experiments import coord_check, summary, sweep, tasks
 from mssp_jax import factory, vmap_train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def quick(module, regime: str = "II"):
@@ -47,23 +53,52 @@ def _cells(workdir):
     return sorted(os.listdir(os.path.join(workdir, "cells")))
 
 
-def test_quick_sweep_resumes_records_divergence_and_plots(tmp_path):
+ONE_PARAMETERIZATION = ("mssp",)  # of the quick sweep's two: the second adds time, not coverage
+
+
+def _sweep_until_sigterm(workdir, stop_at: str) -> tuple[int, str, str]:
+    """Runs the README's quick sweep as a process and sends it SIGTERM once cell `stop_at` has
+    started; returns (exit status, stdout, stderr)."""
+    cmd = [sys.executable, "run.py", "sweep", "--config", "configs/sweeps_mlp_moe.py:regime=II",
+           "--config.quick=True", f"--workdir={workdir}",
+           f"--config.quick_overrides.sweep.parameterizations={ONE_PARAMETERIZATION}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.strip() == f"[sweep] {stop_at}":
+            proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=600), "".join(out), proc.stderr.read()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning", "error::UserWarning")  # numpy, matplotlib
+def test_quick_sweep_stopped_by_sigterm_resumes_records_divergence_and_plots(tmp_path, capsys):
     config = sweeps_mlp_moe.get_config("regime=II")
     config.quick = True
-    config.sweep.max_cells = 2  # stands for a sweep killed after two cells
+    config.quick_overrides.sweep.parameterizations = ONE_PARAMETERIZATION
     workdir = str(tmp_path)
-    first = sweep.run_sweep(config, workdir)
-    assert len(first["ran"]) == 2 and first["skipped"] == []
-    # a writer killed mid-cell leaves only a .tmp file: that cell must run again
-    plan = [c.key for c in sweep.plan(sweep.prepare(config))]
+    cells = sweep.plan(sweep.prepare(config))
+    plan = [c.key for c in cells]
+    assert plan == ["mult-II-adam-mssp-x1", "lr-II-adam-mssp-x1", "lr-II-adam-mssp-x2"]
+    status, out, err = _sweep_until_sigterm(workdir, stop_at=plan[1])
+    assert status == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in out and "Traceback" not in err and "Warning" not in err
+    assert _cells(workdir) == sorted(f"{key}.json" for key in plan[:2])  # the cell in progress too
+    written = [os.stat(sweep.cell_path(workdir, c)).st_mtime_ns for c in cells[:2]]
+    # a writer killed mid-write (SIGKILL) leaves only a .tmp file: that cell must run again
     with open(os.path.join(workdir, "cells", f"{plan[2]}.json.tmp"), "w") as f:
         f.write('{"trunc')
-    config.sweep.max_cells = 0
     second = sweep.run_sweep(config, workdir)
-    assert second["skipped"] == first["ran"]
-    assert second["ran"] == plan[2:]
+    assert second == {"ran": plan[2:], "skipped": plan[:2], "stopped_by": None}
+    assert [os.stat(sweep.cell_path(workdir, c)).st_mtime_ns for c in cells[:2]] == written
+    capsys.readouterr()
     assert sweep.main(config, workdir) == 0  # everything finished: only summarises and plots
-    assert sweep.run_sweep(config, workdir)["ran"] == []
+    printed = capsys.readouterr().out
+    assert "| n seeds |" in printed and "| 1 | 0.01*, 0.01* |" in printed
+    assert "*: the optimum is at the edge of the LR grid" in printed
+    assert f"summary: {os.path.join(workdir, 'summary_II.json')}" in printed
+    assert os.path.join(workdir, "figures", "loss_vs_lr_II.png") in printed
 
     record = sweep.load_cell(workdir, sweep.Cell("lr", "II", "adam", "mssp", 2))
     by_lr = {r["lr"]: r for r in record["runs"]}
@@ -115,6 +150,7 @@ def test_lm_task_windows_are_next_byte_pairs_each_used_once():
     assert train["inputs"].max() < config.vocab_size
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning", "error::UserWarning")  # one scale, one seed
 def test_quick_transformer_sweep_trains_the_language_model(tmp_path):
     config = sweeps_transformer_moe.get_config("regime=III")
     config.quick = True

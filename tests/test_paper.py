@@ -220,9 +220,9 @@ def test_protocol_configs_quick_sweep(config, tmp_path):
 
 
 def test_protocol_config_arguments_are_checked():
-    with pytest.raises(ConfigError, match="regime='IV'"):
+    with pytest.raises(ConfigError, match=r"regime must be one of \['II', 'I', 'III'\], got 'IV'"):
         paper_mlp.get_config("regime=IV")
-    with pytest.raises(ConfigError, match="unknown; allowed"):
+    with pytest.raises(ConfigError, match="unknown name 'width'; allowed names"):
         paper_transformer.get_config("width=3")
     full = paper_mlp.get_config("regime=II")
     assert (full.steps, full.batch_size, full.sweep.scales) == (1000, 50, (1, 2, 4, 8, 16))

@@ -3,6 +3,7 @@ other command and Python block in it runs (the main job itself is run by .ci/run
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -46,15 +48,37 @@ def command_blocks(include_run_elsewhere: bool = False) -> list[list[str]]:
     return [b for b in found if b]
 
 
-def run(command: str) -> subprocess.CompletedProcess:
+def run(command: str, workdirs: pathlib.Path) -> tuple[subprocess.CompletedProcess, str | None]:
+    """Runs `command` with its --workdir moved under `workdirs` (the same README path to the same
+    place: a block's commands share outputs, and a later run of the README by hand starts fresh,
+    nothing left in /tmp); returns the result and that workdir."""
     words = shlex.split(command)
     env = dict(os.environ)
     while "=" in words[0]:  # VAR=value prefixes
         key, value = words.pop(0).split("=", 1)
         env[key] = value
     assert words[:2] == ["python3", "run.py"], command
-    return subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=env)
+    workdir = None
+    if "--workdir" in words:
+        i = words.index("--workdir") + 1
+        workdir = words[i] = str(workdirs / pathlib.Path(words[i]).name)
+    out = subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env=env)
+    return out, workdir
+
+
+def test_package_metadata_has_no_deprecated_fields_and_ships_the_data():
+    """setuptools >= 77 builds it without warnings: an SPDX license with its file, the embedded
+    datasets as package data of mssp_jax.data; CI leaves the environment's pip alone."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, setup = meta["project"], meta["tool"]["setuptools"]
+    assert project["license"] == "MIT"
+    assert all((ROOT / name).is_file() for name in project["license-files"])
+    assert "mssp_jax.data" in setup["packages"]
+    shipped = [p.name for p in (ROOT / "mssp_jax" / "data").iterdir()]
+    globs = setup["package-data"]["mssp_jax.data"]
+    assert shipped and all(any(fnmatch.fnmatch(n, g) for g in globs) for n in shipped)
+    assert "--upgrade pip" not in (ROOT / ".ci" / "run").read_text()
 
 
 def test_readme_has_the_documented_commands():
@@ -64,16 +88,18 @@ def test_readme_has_the_documented_commands():
 
 
 @pytest.mark.parametrize("index", range(len(command_blocks())))
-def test_every_readme_command_runs(index):
+def test_every_readme_command_runs(index, tmp_path):
     for command in command_blocks()[index]:  # in order: a block's later commands use its outputs
-        out = run(command)
+        assert "--workdir=" not in command  # written as --workdir DIR, which run() moves
+        out, workdir = run(command, tmp_path)
         assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
         args = shlex.split(command)
-        workdir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), None)
-        if "--workdir" in args:
-            workdir = args[args.index("--workdir") + 1]
-        if " describe " in f" {command} ":
-            if "--json" in args:
+        if "--help" in args:
+            assert "configs/mlp_moe.py" in out.stdout and "--fields" in out.stdout
+        elif " describe " in f" {command} ":
+            if "--fields" in args:
+                assert "shape.top_k" in out.stdout and "optimizer.name" in out.stdout
+            elif "--json" in args:
                 rows = json.loads(out.stdout)
                 assert {"path", "role", "shape", "init_std", "multiplier", "lr_scale",
                         "eps_scale"} <= set(rows[0])

@@ -17,9 +17,8 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common, sweeps_mlp_moe
-from mssp_jax.scaling import ConfigError
 
-ARGS = {"regime": ("II", "I", "III"), "optimizer": ("adam", "sgd"), "routing": ("topk", "soft"),
+ARGS = {"regime": common.REGIMES, "optimizer": ("adam", "sgd"), "routing": ("topk", "soft"),
         "data": ("teacher", "cifar10")}
 LR_GRIDS = {"sgd": tuple(0.00078125 * 2.0**k for k in range(8)),
             "adam": tuple(10.0 ** (-5.5 + k / 2) for k in range(8))}
@@ -27,19 +26,8 @@ PARAMETERIZATIONS = {"adam": ("sp", "mup", "mssp", "mup_global_eps", "jiang"),
                      "sgd": ("sp", "mup", "mssp")}
 
 
-def parse(arg: str | None, allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
-    """The config's arguments, each checked against its allowed values (the first is the default)."""
-    args = common.parse_arg(arg)
-    for key, value in args.items():
-        if key not in allowed:
-            raise ConfigError(f"config argument {key!r} is unknown; allowed: {list(allowed)}")
-        if value not in allowed[key]:
-            raise ConfigError(f"config argument {key}={value!r}: allowed {list(allowed[key])}")
-    return {key: args.get(key, values[0]) for key, values in allowed.items()}
-
-
 def get_config(arg: str | None = None):
-    a = parse(arg, ARGS)
+    a = common.parse_args(arg, ARGS)
     regime, optimizer, soft = a["regime"], a["optimizer"], a["routing"] == "soft"
     base = (128, 16 if regime == "II" else 128, 8, 8 if soft else 2)
     c = common.base_config(common.shape(*base), regime=regime, optimizer=optimizer,

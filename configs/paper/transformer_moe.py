@@ -19,7 +19,6 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common, sweeps_mlp_moe
-from configs.paper.mlp_moe import parse
 from mssp_jax import paper
 
 FAMILIES = {"allscale_sparse": "allscale/sparse", "allscale_soft": "allscale/soft",
@@ -30,7 +29,7 @@ ARGS = {"family": tuple(FAMILIES), "scale": ("1", "2", "4", "8"),
 
 
 def get_config(arg: str | None = None):
-    a = parse(arg, ARGS)
+    a = common.parse_args(arg, ARGS)
     family = paper.TRANSFORMER_NATIVE[FAMILIES[a["family"]]]
     m, k, ne = family.widths[256]
     base = (256, ne, m, k)
