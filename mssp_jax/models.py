@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mssp_jax import coord
 from mssp_jax.dispatch import Dispatch
 from mssp_jax.moe import MoE, Routing, gelu
 from mssp_jax.params import labelled_param
@@ -27,7 +28,12 @@ class Linear(nnx.Module):
         self.mult = scaling.multiplier(role)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ (self.mult * self.kernel[...])
+        coord.record(self, kernel=x)
+        return self.coord_apply("kernel", self.kernel[...], x)
+
+    def coord_apply(self, name: str, w: jax.Array, x: jax.Array) -> jax.Array:
+        """The kernel `w` applied to `x` (the forward pass; `mssp_jax.coord` replays it)."""
+        return x @ (self.mult * w)
 
 
 class RMSNorm(nnx.Module):
@@ -39,8 +45,15 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return x / rms * self.scale[...] if self.scale is not None else x / rms
+        normed = x / jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if self.scale is None:
+            return normed
+        coord.record(self, scale=normed)
+        return self.coord_apply("scale", self.scale[...], normed)
+
+    def coord_apply(self, name: str, w: jax.Array, x: jax.Array) -> jax.Array:
+        """The gain `w` applied to the normalised `x`."""
+        return x * w
 
 
 class MLPMoE(nnx.Module):
@@ -152,10 +165,15 @@ class TransformerMoE(nnx.Module):
         self.lm_head = Linear(s.N, vocab_size, "readout", ("embed", "vocab"), scaling, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[Routing]]:
-        x = self.embed_mult * jnp.take(self.embed[...], tokens, axis=0)
+        coord.record(self, embed=tokens)
+        x = self.coord_apply("embed", self.embed[...], tokens)
         routings = []
         for block in self.blocks:
             x, routing = block(x)
             if routing is not None:
                 routings.append(routing)
         return self.lm_head(self.final_norm(x)), routings
+
+    def coord_apply(self, name: str, w: jax.Array, tokens: jax.Array) -> jax.Array:
+        """The embedding table `w` looked up at `tokens`."""
+        return self.embed_mult * jnp.take(w, tokens, axis=0)
