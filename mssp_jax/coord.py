@@ -302,22 +302,29 @@ def exponent_stats(ratios: Sequence[float], per_seed: Any) -> dict[str, Any]:
     return {"exponent": float(np.mean(fits)), "exponent_std": std, "exponents": fits}
 
 
-def check(make: Callable[[float, int], ModelAndOptimizer],
-          loss: Callable[[nnx.Module, Batch], jax.Array], scales: Sequence[float], batches: Batch,
-          probe: Batch, record_steps: Sequence[int], seeds: Sequence[int],
-          outputs: bool = True) -> dict[str, Any]:
-    """The coordinate check of ``make(scale, seed)`` (a model and its optimizer at each size):
-    ``{'scales', 'seeds', 'steps': {step: {observable: {'per_seed': [scale][seed], 'values':
-    seed means per scale, 'exponent', 'exponent_std', 'exponents': per seed}}}}``, the exponent
-    being the slope of log(value) against log(scale) fitted per seed (mean and seed std)."""
-    per_scale = [measure(lambda seed, scale=scale: make(scale, seed), loss, batches, probe,
-                         record_steps, seeds, outputs) for scale in scales]
+def summarize(scales: Sequence[float], seeds: Sequence[int],
+              per_scale: Sequence[dict[int, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """`measure`'s results at each scale as ``{'scales', 'seeds', 'steps': {step: {observable:
+    {'per_seed': [scale][seed], 'values': seed means per scale, 'exponent', 'exponent_std',
+    'exponents': per seed}}}}``: the exponent is the slope of log(value) against log(scale),
+    fitted per seed, with its mean and sample std over seeds (not one fit to the means)."""
     steps = {}
     for step, names in per_scale[0].items():
         steps[str(step)] = {}
         for name in names:
             table = np.stack([s[step][name] for s in per_scale])  # [scales, seeds]
-            steps[str(step)][name] = {"per_seed": table.tolist(),
-                                      "values": table.mean(1).tolist(),
+            steps[str(step)][name] = {"per_seed": table.tolist(), "values": table.mean(1).tolist(),
                                       **exponent_stats(scales, table)}
     return {"scales": list(scales), "seeds": [int(s) for s in seeds], "steps": steps}
+
+
+def check(make: Callable[[float, int], ModelAndOptimizer],
+          loss: Callable[[nnx.Module, Batch], jax.Array], scales: Sequence[float], batches: Batch,
+          probe: Batch, record_steps: Sequence[int], seeds: Sequence[int],
+          outputs: bool = True) -> dict[str, Any]:
+    """The coordinate check of any labelled model: ``make(scale, seed)`` returns the model at that
+    size (the seed drawing its init) and its optimizer; each size is trained on `batches` and
+    measured on `probe` (`measure`), and the exponents are fitted per seed (`summarize`)."""
+    return summarize(scales, seeds, [
+        measure(lambda seed, scale=scale: make(scale, seed), loss, batches, probe, record_steps,
+                seeds, outputs) for scale in scales])

@@ -15,10 +15,11 @@ from flax import nnx
 
 from configs import sweeps_coord_check
 from experiments import coord_check, sweep, tasks
-from mssp_jax import coord, factory, losses, vmap_train
+from mssp_jax import coord, factory, losses
 from mssp_jax.models import Linear, MLPMoE, TransformerMoE
 from mssp_jax.moe import MoE
 from mssp_jax.scaling import Shape, make_scaling
+from tests import mlp_coord_oracle as oracle
 
 BASE = Shape(8, 8, 4, 1)
 SCALING = make_scaling("mup", BASE, Shape(16, 16, 8, 2), regime="III")
@@ -163,6 +164,14 @@ def test_recording_traces_nothing_outside_capture(monkeypatch):
     assert programs() == with_records
 
 
+def test_fit_exponent_recovers_power_laws():
+    ratios = [1, 2, 4, 8]
+    for exponent in (-1.0, -0.5, 0.0, 0.5, 2.0):
+        values = [3.7 * r**exponent for r in ratios]
+        assert coord.fit_exponent(ratios, values) == pytest.approx(exponent, abs=1e-9)
+    assert np.isnan(coord.fit_exponent(ratios, [1.0, 0.0, 1.0, 1.0]))
+
+
 def test_exponents_are_fitted_per_seed():
     scales = [1, 2, 4, 8]
     slopes = [-0.5, -0.4, -0.6]
@@ -175,29 +184,33 @@ def test_exponents_are_fitted_per_seed():
     assert np.isnan(coord.exponent_stats(scales, per_seed)["exponent"])
 
 
-def test_mlp_moe_coord_check_equals_the_hand_written_forward():
-    """The generic capture reproduces the coordinate check's former implementation (hand-written
-    forward pass, kept as the oracle): same training, every observable it reported."""
+def quick_cell(parameterization: str = "mup", **fields):
     config = sweeps_coord_check.get_config("regime=III")
     config.quick = True
     config = sweep.prepare(config)
-    config.steps, record = 4, (0, 1, 3)
-    config.coord.record_steps = record
-    data = tasks.load(config)
-    c = sweep.cell_config(config, sweep.Cell("coord", "III", "adam", "mup", 2))
-    old = coord_check.measure(c, data, (0, 1))
+    config.update(fields)
+    return sweep.cell_config(config, sweep.Cell("coord", "III", "adam", parameterization, 2))
 
-    def make(seed):
-        unit = vmap_train.unit_lr_config(c)
-        scaling = factory.validate(unit)
-        model = factory.build_model(unit, nnx.Rngs(seed), scaling)
-        return model, optax.chain(factory.build_optimizer(unit, scaling, model),
-                                  optax.scale(c.optimizer.learning_rate))
 
-    batches = jax.tree.map(lambda a: jnp.asarray(a[:3 * c.batch_size]).reshape(
-        3, c.batch_size, *a.shape[1:]), data["train"])
-    new = coord.measure(make, lambda m, b: losses.loss_fn(m, b, c)[0], batches,
-                        jax.tree.map(jnp.asarray, data["eval"]), record, (0, 1))
+def test_the_oracle_is_the_mlp_moe_forward():
+    config = quick_cell()
+    scaling = factory.validate(config)
+    model = factory.build_model(config, nnx.Rngs(0), scaling)
+    x = jnp.asarray(tasks.load(config)["eval"]["inputs"])
+    terms = oracle.forward_terms(nnx.as_pure(nnx.state(model, nnx.Param)), x, scaling,
+                                 scaling.shape.K, False)
+    np.testing.assert_allclose(terms["out"], model(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_moe_coord_check_equals_the_hand_written_forward():
+    """The generic capture reproduces the coordinate check's former implementation (a hand-written
+    forward pass, kept as the oracle): same training, every observable it reported."""
+    record = (0, 1, 3)
+    c = quick_cell(steps=4)
+    c.coord.record_steps = record
+    data = tasks.load(c)
+    old = oracle.measure(c, data, (0, 1))
+    new = coord_check.measure(c, data, "mup", 2)
     assert sorted(new) == sorted(old) == list(record)
     for step in record:
         assert len(old[step]) == 35
