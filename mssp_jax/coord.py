@@ -98,11 +98,8 @@ def capture(fn: Callable[..., Any], model: nnx.Module, *args: Any,
     return result, Captured(pure[0], pure[1] if outputs else {})
 
 
-def rms(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.mean(jnp.square(x)))
-
-
-def _rms_over(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+def rms(x: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+    """Root mean square over `axes` (default: all)."""
     return jnp.sqrt(jnp.mean(jnp.square(x), axes))
 
 
@@ -188,7 +185,7 @@ class _Collector:
             elif name.rsplit("/", 1)[-1] in MEAN_POOLED:
                 out[name] = jnp.mean(v)
             else:
-                out[name] = jnp.sqrt(jnp.mean(jnp.square(v)))
+                out[name] = rms(v)
         return out
 
 
@@ -197,50 +194,66 @@ def _calls(tree: dict) -> dict[str, tuple]:
     return {k: v for k, v in tree.items() if isinstance(v, tuple)}
 
 
+def _parameter_terms(out: _Collector, path: tuple, m0: nnx.Module, mt: nnx.Module,
+                     mg: nnx.Module, r0: dict, rt: dict) -> None:
+    """Each Param's gradient and change, and (recorded input + `coord_apply`) its kernel terms."""
+    params0, grads = _direct_params(m0), _direct_params(mg)
+    for name, var in _direct_params(mt).items():
+        n, role = _stacked_axes(var), var.get_metadata().get("role", name)
+        w0, wt = params0[name][...], var[...]
+        per_layer = tuple(range(n, wt.ndim))
+        out.add(path, n, f"{name}/grad", f"{role}/grad", rms(grads[name][...], per_layer))
+        out.add(path, n, f"{name}/weight_change", f"{role}/weight_change", rms(wt - w0, per_layer))
+        if name in rt and hasattr(mt, "coord_apply"):
+            apply = lambda w, x, name=name: mt.coord_apply(name, w, x)  # noqa: E731
+            terms = _per_layer(lambda *a: _kernel_terms(apply, *a), n)(w0, wt, r0[name][0],
+                                                                       rt[name][0])
+            for kind, value in terms.items():
+                out.add(path, n, f"{name}/{kind}", f"{role}/{kind}", value)
+
+
+def _layer_terms(out: _Collector, path: tuple, m0: nnx.Module, mt: nnx.Module, r0: dict,
+                 rt: dict) -> None:
+    """The layer's own observables (`coord_observables`), per layer when stacked."""
+    if not rt or not hasattr(mt, "coord_observables"):
+        return
+    values = [{k: v[...] for k, v in _direct_params(m).items()} for m in (m0, mt)]
+    firsts = [{k: v[0] for k, v in r.items()} for r in (r0, rt)]
+    n = out.stacked[path]
+    for name, value in _per_layer(mt.coord_observables, n)(*values, *firsts).items():
+        out.add(path, n, name, name, value)
+
+
+def _output_terms(out: _Collector, path: tuple, module: nnx.Module, o0: dict, ot: dict) -> None:
+    """Each method's output rms and change since initialisation (per layer when stacked)."""
+    n = out.stacked[path]
+    for method, calls in ot.items():
+        y0, yt = _first_float(o0[method][0]), _first_float(calls[0])
+        if method.startswith("coord_") or yt is None:  # the hooks, not the forward pass
+            continue
+        per_layer = tuple(range(n, yt.ndim))
+        name = "output" if method == "__call__" else f"{method}/output"
+        pooled = f"{type(module).__name__}{'' if method == '__call__' else '.' + method}/output"
+        out.add(path, n, name, pooled, rms(yt, per_layer))
+        out.add(path, n, f"{name}_change", f"{pooled}_change", rms(yt - y0, per_layer))
+
+
 def observables(graphdef: nnx.GraphDef, rest: Any, p0: Any, pt: Any, grads: Any,
                 cap0: Captured, capt: Captured) -> Observables:
     """Every observable (a scalar) of a model at W_t against its W_0 (traceable).
 
     `p0`, `pt`, `grads`: the Param states at initialisation, now, and the loss gradient now;
-    `cap0`, `capt`: `capture` of the same probe forward pass at W_0 and at W_t.
+    `cap0`, `capt`: `capture` of the same probe forward pass at W_0 and at W_t. A module called
+    more than once per forward pass is measured at its first call.
     """
     models = [nnx.merge(graphdef, p, rest) for p in (p0, pt, grads)]
     out = _Collector({path: _module_stacked_axes(m) if path else 0
                       for path, m in nnx.iter_modules(models[1])})
     for (path, m0), (_, mt), (_, mg) in zip(*(nnx.iter_modules(m) for m in models)):
-        params0, paramst, gradsm = (_direct_params(m) for m in (m0, mt, mg))
         r0, rt = (_calls(_at(c.observed, path)) for c in (cap0, capt))
-        for name, var in paramst.items():
-            n, role = _stacked_axes(var), var.get_metadata().get("role", name)
-            w0, wt, g = params0[name][...], var[...], gradsm[name][...]
-            over_layer = tuple(range(n, wt.ndim))
-            out.add(path, n, f"{name}/grad", f"{role}/grad", _rms_over(g, over_layer))
-            out.add(path, n, f"{name}/weight_change", f"{role}/weight_change",
-                    _rms_over(wt - w0, over_layer))
-            if name in rt and hasattr(mt, "coord_apply"):
-                apply = lambda w, x, name=name: mt.coord_apply(name, w, x)  # noqa: E731
-                terms = _per_layer(lambda *a, apply=apply: _kernel_terms(apply, *a), n)(
-                    w0, wt, r0[name][0], rt[name][0])
-                for kind, value in terms.items():
-                    out.add(path, n, f"{name}/{kind}", f"{role}/{kind}", value)
-        n = out.stacked[path]
-        if rt and hasattr(mt, "coord_observables"):
-            values = [{k: v[...] for k, v in p.items()} for p in (params0, paramst)]
-            firsts = [{k: v[0] for k, v in r.items()} for r in (r0, rt)]
-            for name, value in _per_layer(mt.coord_observables, n)(*values, *firsts).items():
-                out.add(path, n, name, name, value)
-        o0, ot = (_calls(_at(c.outputs, path)) for c in (cap0, capt))
-        for method, calls in ot.items():
-            if method.startswith("coord_"):  # the hooks above, not the forward pass
-                continue
-            y0, yt = _first_float(o0[method][0]), _first_float(calls[0])
-            if yt is None:
-                continue
-            over_layer = tuple(range(n, yt.ndim))
-            name = "output" if method == "__call__" else f"{method}/output"
-            pooled = f"{type(mt).__name__}{'' if method == '__call__' else '.' + method}/output"
-            out.add(path, n, name, pooled, _rms_over(yt, over_layer))
-            out.add(path, n, f"{name}_change", f"{pooled}_change", _rms_over(yt - y0, over_layer))
+        _parameter_terms(out, path, m0, mt, mg, r0, rt)
+        _layer_terms(out, path, m0, mt, r0, rt)
+        _output_terms(out, path, mt, *(_calls(_at(c.outputs, path)) for c in (cap0, capt)))
     return out.result()
 
 
