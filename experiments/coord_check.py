@@ -21,6 +21,7 @@ from flax import nnx
 
 from experiments import plots, sweep, tasks
 from mssp_jax import coord, factory, losses, presets, vmap_train
+from mssp_jax.scaling import ConfigError
 
 AGGREGATION = ("h_agg/base", "h_agg/propagating", "h_agg/effective", "h_agg/cross", "h_agg/total")
 ROUTER = ("router/logit_rms", "router/gate_entropy", "router/max_gate", "router/load_min")
@@ -47,6 +48,23 @@ def model_factory(config: Any, parameterization: str) -> Callable[[float, int], 
         return model, optax.chain(tx, optax.scale(config.optimizer.learning_rate))
 
     return make
+
+
+def validate(config: Any) -> None:
+    """The `coord` block and every cell's config, before any compute (ConfigError names the field)."""
+    c = config.coord
+    for field, minimum in (("scales", 1), ("seeds", 0), ("record_steps", 0)):
+        values = list(c[field])
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                                 for v in values):
+            raise ConfigError(f"coord.{field} must be a non-empty list of integers >= {minimum}, "
+                              f"got {values!r}")
+    if len(c.scales) < 2:
+        raise ConfigError(f"coord.scales needs at least 2 scales to fit exponents, got {list(c.scales)}")
+    for param in c.parameterizations:
+        for scale in c.scales:
+            factory.validate(sweep.cell_config(config, sweep.Cell(
+                "coord", config.regime, config.optimizer.name, param, scale)))
 
 
 def measure(config: Any, data: dict, parameterization: str,
@@ -127,7 +145,7 @@ def main(config: Any, workdir: str) -> int:
     """`python run.py coord_check --config configs/sweeps_coord_check.py:regime=II` (MLP-MoE) or
     `--config configs/sweeps_coord_check_transformer.py:regime=III` (Transformer-MoE)."""
     config = sweep.prepare(config)
-    factory.validate(config)
+    validate(config)
     results = run(config, workdir)
     name = tag(config)
     path = os.path.join(workdir, f"coord_check_{name}.json")

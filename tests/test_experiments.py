@@ -13,6 +13,7 @@ from configs import (sweeps_coord_check, sweeps_coord_check_transformer, sweeps_
                      sweeps_transformer_moe)
 from experiments import coord_check, summary, sweep, tasks
 from mssp_jax import coord, vmap_train
+from mssp_jax.scaling import ConfigError
 
 
 def quick(module, regime: str = "II"):
@@ -92,6 +93,16 @@ def test_quick_coord_check_writes_exponents_and_figures(tmp_path):
     before = os.path.getmtime(tmp_path / "cells" / cells[0])
     assert coord_check.main(config, str(tmp_path)) == 0
     assert os.path.getmtime(tmp_path / "cells" / cells[0]) == before
+
+
+@pytest.mark.parametrize("field, value", [("scales", (1,)), ("record_steps", (0, -1)),
+                                          ("parameterizations", ("mssp", "nope"))])
+def test_coord_check_rejects_bad_input_before_compute(tmp_path, field, value):
+    config = sweeps_coord_check.get_config("regime=III")
+    config.coord[field] = value
+    with pytest.raises(ConfigError, match="coord.scales|coord.record_steps|parameterization"):
+        coord_check.main(config, str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_quick_transformer_coord_check_measures_every_block(tmp_path):
