@@ -104,10 +104,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             for param in config.coord.parameterizations}
 
 
+def _roles(results: dict[str, Any]) -> list[str]:
+    """The roles whose kernel terms were measured (their layers record inputs), in table order."""
+    names = next(iter(next(iter(results.values()))["steps"].values()))
+    return [r for r in presets.ROLES if f"{r}/activation" in names]
+
+
 def table_rows(results: dict[str, Any]) -> tuple[str, ...]:
     """The rows RESULTS.md reports: the aggregation split, each role's updates, the router."""
-    names = next(iter(next(iter(results.values()))["steps"].values()))
-    roles = [r for r in presets.ROLES if f"{r}/activation" in names]
+    roles = _roles(results)
     kinds = {r: KINDS[:2] if r in DATA_ROLES else KINDS for r in roles}
     return (*AGGREGATION, *(f"{r}/{k}" for r in roles for k in kinds[r]), *ROUTER)
 
@@ -115,9 +120,7 @@ def table_rows(results: dict[str, Any]) -> tuple[str, ...]:
 def figure_groups(results: dict[str, Any]) -> dict[str, list[str]]:
     """What `plots.coord_figures` draws: the table's exponents; exponents against the step; one
     RCC figure per kind (a panel per role), for the aggregation split and for the router."""
-    rows = table_rows(results)
-    names = next(iter(next(iter(results.values()))["steps"].values()))
-    roles = [r for r in presets.ROLES if f"{r}/activation" in names]
+    rows, roles = table_rows(results), _roles(results)
     groups = {"table": list(rows),
               "vs_step": [*AGGREGATION[:4], *(f"{r}/effective_update" for r in roles)],
               "aggregation": list(AGGREGATION), "router": list(ROUTER)}

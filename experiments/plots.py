@@ -173,6 +173,7 @@ def rcc(results: dict[str, Any], names: list[str], title: str, path: str) -> str
             ax.set_xscale("log", base=2)
             if positive:  # steps where it is exactly 0 (nothing has moved yet) are left out
                 ax.set_yscale("log", nonpositive="mask")
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{param}: {name}", fontsize=8)
             ax.tick_params(labelsize=7)
         row[0].set_ylabel("rms")
