@@ -277,9 +277,12 @@ def measure(make: Callable[[int], ModelAndOptimizer], loss: Callable[[nnx.Module
     def captured_loss(p: Any, batch: Batch) -> tuple[jax.Array, Captured]:
         return capture(loss, nnx.merge(graphdef, p, rest), batch, outputs=outputs)
 
+    def grad(p: Any, batch: Batch) -> Any:
+        return jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest), batch))(p)
+
     def step(carry, batch):
         p, opt_state = carry
-        grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest), batch))(p)
+        grads = grad(p, batch)
         updates, opt_state = tx.update(grads, opt_state, p)
         return (optax.apply_updates(p, updates), opt_state), None
 
@@ -290,7 +293,10 @@ def measure(make: Callable[[int], ModelAndOptimizer], loss: Callable[[nnx.Module
             if r > prev:
                 carry, _ = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[prev:r], batches))
                 prev = r
-            (_, capt), grads = jax.value_and_grad(captured_loss, has_aux=True)(carry[0], probe)
+            # the records now come from the same program as cap0 (not one under grad): at
+            # W_t = W_0 they are equal to the bit, so every change is exactly 0 at step 0
+            capt = captured_loss(carry[0], probe)[1]
+            grads = grad(carry[0], probe)
             out.append(observables(graphdef, rest, p0, carry[0], grads, cap0, capt))
         return out
 

@@ -77,7 +77,8 @@ def test_quick_coord_check_writes_exponents_and_figures(tmp_path):
         out = json.load(f)["results"]
     assert set(out) == {"mssp"} and out["mssp"]["seeds"] == [0, 1]
     step0, step2 = out["mssp"]["steps"]["0"], out["mssp"]["steps"]["2"]
-    assert step0["h_agg/effective"]["per_seed"] == [[0.0, 0.0], [0.0, 0.0]]  # nothing has moved
+    for name in ("h_agg/effective", "h_agg/propagating", "expert_down/propagating_update"):
+        assert step0[name]["per_seed"] == [[0.0, 0.0], [0.0, 0.0]], name  # nothing has moved
     assert np.isnan(step0["h_agg/effective"]["exponent"])
     effective = np.asarray(step2["h_agg/effective"]["per_seed"])
     assert (effective > 0).all()
@@ -111,6 +112,8 @@ def test_quick_transformer_coord_check_measures_every_block(tmp_path):
     assert coord_check.main(config, str(tmp_path)) == 0
     with open(tmp_path / "coord_check_transformer_II.json") as f:
         out = json.load(f)["results"]["mssp"]
+    for name in ("h_agg/propagating", "attn_out/propagating_update", "Block/output_change"):
+        assert np.all(np.asarray(out["steps"]["0"][name]["per_seed"]) == 0), name
     step = out["steps"]["2"]
     for block in (0, 1):  # the MoE layer of each block: its split and router, per layer
         for name in ("h_agg/base", "h_agg/effective", "router/logit_rms", "w_up/effective_update"):
