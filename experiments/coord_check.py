@@ -1,182 +1,164 @@
-"""Coordinate check of the MLP-MoE: how every role's activations and updates scale with size.
+"""Coordinate checks of our models from a config: every parameterization x scale x seed, the
+exponent table and the RCC figures (`python run.py coord_check --config configs/sweeps_coord_check*.py`).
 
-For each parameterization and scale, the model trains a few online steps; at the recorded steps
-the observables of PARAMETERIZATIONS.md ("Observables a coordinate check must report") are
-measured on a fixed probe batch, by recomputing the forward pass from the parameters W_t and
-W_0. The log-log slope of each observable against the width ratio is its exponent; a
-parameterization is scale-stable where the exponents are ~0.
+The observables come from the model's own layers (`mssp_jax.coord`); this driver builds the model,
+optimizer and data of each cell from the config, trains it over the seeds, fits the exponents per
+seed and reports them. Each finished (parameterization, scale) cell is written atomically to
+``<workdir>/cells/`` and skipped when the command is run again, so a killed check resumes.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from experiments import plots, sweep, tasks
-from mssp_jax import factory, losses, vmap_train
-from mssp_jax.moe import route
+from mssp_jax import coord, factory, losses, presets, vmap_train
+from mssp_jax.scaling import ConfigError
+
+AGGREGATION = ("h_agg/base", "h_agg/propagating", "h_agg/effective", "h_agg/cross", "h_agg/total")
+ROUTER = ("router/logit_rms", "router/gate_entropy", "router/max_gate", "router/load_min")
+KINDS = ("activation", "effective_update", "propagating_update")
+DATA_ROLES = ("input", "embedding")  # their input is the data: no propagating update
 
 
-def rms(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.mean(jnp.square(x)))
+def tag(config: Any) -> str:
+    """The name of a check's outputs: the regime, prefixed for the Transformer."""
+    return config.regime if config.model == "mlp_moe" else f"transformer_{config.regime}"
 
 
-def fit_exponent(ratios: Any, values: Any) -> float:
-    """Least-squares slope of log(value) vs log(ratio); NaN if any value is not positive."""
-    ratios, values = np.asarray(ratios, float), np.asarray(values, float)
-    if len(ratios) < 2 or not np.all(values > 0) or not np.all(np.isfinite(values)):
-        return float("nan")
-    return float(np.polyfit(np.log(ratios), np.log(values), 1)[0])
+def model_factory(config: Any, parameterization: str) -> Callable[[float, int], Any]:
+    """(scale, seed) -> (model, optimizer) of one cell: the chain built at unit LR, then the
+    config's LR (as the sweeps train; `mssp_jax.vmap_train`)."""
+
+    def make(scale: float, seed: int) -> coord.ModelAndOptimizer:
+        cell = sweep.Cell("coord", config.regime, config.optimizer.name, parameterization,
+                          int(scale))
+        unit = vmap_train.unit_lr_config(sweep.cell_config(config, cell))
+        scaling = factory.validate(unit)
+        model = factory.build_model(unit, nnx.Rngs(seed), scaling)
+        tx = factory.build_optimizer(unit, scaling, model)
+        return model, optax.chain(tx, optax.scale(config.optimizer.learning_rate))
+
+    return make
 
 
-def forward_terms(p: Any, x: jax.Array, scaling: Any, top_k: int, renormalize: bool) -> dict:
-    """The MLP-MoE forward pass, keeping each role's input and the per-expert tensors."""
-    mult = scaling.multiplier
-    h = jax.nn.gelu(x @ (mult("input") * p["w_in"]["kernel"]))
-    logits = h @ (mult("router") * p["moe"]["router"])
-    routing = route(logits, top_k, scaling.gate_scale, renormalize)
-    tokens = jnp.arange(x.shape[0])[:, None]
-    gates = jnp.zeros(logits.shape, logits.dtype).at[tokens, routing.idx].add(routing.weights)
-    w_up = mult("expert_up") * p["moe"]["w_up"]
-    w_down = mult("expert_down") * p["moe"]["w_down"]
-    e = jax.nn.gelu(jnp.einsum("tn,mne->tme", h, w_up))
-    h_agg = jnp.einsum("tme,men,tm->tn", e, w_down, gates)
-    out = h_agg @ (mult("readout") * p["w_out"]["kernel"])
-    return {"x": x, "h": h, "logits": logits, "routing": routing, "gates": gates, "e": e,
-            "h_agg": h_agg, "out": out, "w_up": w_up, "w_down": w_down}
+def validate(config: Any) -> None:
+    """The `coord` block and every cell's config, before any compute (ConfigError names the field)."""
+    c = config.coord
+    for field, minimum in (("scales", 1), ("seeds", 0), ("record_steps", 0)):
+        values = list(c[field])
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                                 for v in values):
+            raise ConfigError(f"coord.{field} must be a non-empty list of integers >= {minimum}, "
+                              f"got {values!r}")
+    if len(c.scales) < 2:
+        raise ConfigError(f"coord.scales needs at least 2 scales to fit exponents, got {list(c.scales)}")
+    for param in c.parameterizations:
+        for scale in c.scales:
+            factory.validate(sweep.cell_config(config, sweep.Cell(
+                "coord", config.regime, config.optimizer.name, param, scale)))
 
 
-# role -> (parameter path, name of the role's input in forward_terms, einsum applying the kernel)
-ROLE_KERNELS = {
-    "input": (("w_in", "kernel"), "x", "tn,nd->td"),
-    "router": (("moe", "router"), "h", "tn,nm->tm"),
-    "expert_up": (("moe", "w_up"), "h", "tn,mne->tme"),
-    "expert_down": (("moe", "w_down"), "e", "tme,men->tmn"),
-    "readout": (("w_out", "kernel"), "h_agg", "tn,nc->tc"),
-}
+def measure(config: Any, data: dict, parameterization: str,
+            scale: int) -> dict[int, dict[str, np.ndarray]]:
+    """Every observable per seed at each recorded step of one (parameterization, scale) cell."""
+    steps, bsz = max(config.coord.record_steps), config.batch_size
+    batches = jax.tree.map(lambda a: jnp.asarray(a[:steps * bsz]).reshape(
+        steps, bsz, *a.shape[1:]), data["train"])
+    make = model_factory(config, parameterization)
+    return coord.measure(lambda seed: make(scale, seed),
+                         lambda model, batch: losses.loss_fn(model, batch, config)[0], batches,
+                         jax.tree.map(jnp.asarray, data["eval"]), config.coord.record_steps,
+                         config.coord.seeds)
 
 
-def _get(p: Any, path: tuple[str, str]) -> jax.Array:
-    return p[path[0]][path[1]]
+def measure_cell(config: Any, data: dict, parameterization: str, scale: int,
+                 workdir: str) -> dict[int, dict[str, np.ndarray]]:
+    """`measure`, written to ``<workdir>/cells/`` once finished and read from there after."""
+    cell = sweep.Cell("coord", tag(config), config.optimizer.name, parameterization, scale)
+    if sweep.load_cell(workdir, cell) is None:
+        values = measure(config, data, parameterization, scale)
+        sweep.write_atomic(sweep.cell_path(workdir, cell),
+                           {str(step): {k: v.tolist() for k, v in obs.items()}
+                            for step, obs in values.items()})
+        print(f"[coord_check] {cell.key}", flush=True)
+    record = sweep.load_cell(workdir, cell)
+    return {int(step): {k: np.asarray(v) for k, v in obs.items()} for step, obs in record.items()}
 
 
-def observables(p0: Any, pt: Any, grads: Any, x: jax.Array, scaling: Any, top_k: int,
-                renormalize: bool) -> dict[str, jax.Array]:
-    """Every observable (a scalar) at one step (p0: initial params, pt: current params, grads at pt)."""
-    f0 = forward_terms(p0, x, scaling, top_k, renormalize)
-    ft = forward_terms(pt, x, scaling, top_k, renormalize)
-    obs = {}
-    for role, (path, inp, eq) in ROLE_KERNELS.items():
-        w0, wt = _get(p0, path), _get(pt, path)
-        obs[f"{role}/activation"] = rms(jnp.einsum(eq, ft[inp], wt))
-        obs[f"{role}/effective_update"] = rms(jnp.einsum(eq, ft[inp], wt - w0))
-        obs[f"{role}/propagating_update"] = rms(jnp.einsum(eq, ft[inp] - f0[inp], w0))
-        obs[f"{role}/grad"] = rms(_get(grads, path))
-        obs[f"{role}/weight_change"] = rms(wt - w0)
-    routing = ft["routing"]
-    metrics = losses.router_metrics([routing])
-    obs.update({"router/logit_rms": rms(ft["logits"]), "router/gate_entropy": metrics["router_entropy"],
-                "router/max_gate": metrics["max_gate"], "router/load_max": metrics["load_max"],
-                "router/load_min": metrics["load_min"]})
-    g, e0, de = ft["gates"], f0["e"], ft["e"] - f0["e"]
-    w2_0, dw2 = f0["w_down"], ft["w_down"] - f0["w_down"]
-    agg = lambda e, w: jnp.einsum("tme,men,tm->tn", e, w, g)  # noqa: E731
-    obs.update({"h_agg/total": rms(ft["h_agg"]), "h_agg/base": rms(agg(e0, w2_0)),
-                "h_agg/propagating": rms(agg(de, w2_0)), "h_agg/effective": rms(agg(e0, dw2)),
-                "h_agg/cross": rms(agg(de, dw2))})
-    return obs
-
-
-def measure(config: Any, data: dict, seeds: Any) -> dict[int, dict[str, float]]:
-    """Trains `config` from each seed at its base LR (online; scans between the recorded steps,
-    all in one compiled program vmapped over seeds) and
-    returns the seed-mean observables at each of `coord.record_steps`."""
-    scaling = factory.validate(config)
-    t = vmap_train.trainable(config, seeds)
-    lr, record = config.optimizer.learning_rate, sorted(config.coord.record_steps)
-    probe = jax.tree.map(jnp.asarray, data["eval"])
-    bsz = config.batch_size
-    batches = jax.tree.map(lambda a: jnp.asarray(a[: record[-1] * bsz]).reshape(
-        record[-1], bsz, *a.shape[1:]), data["train"])
-
-    def step(carry, batch):
-        p, opt_state = carry
-        updates, opt_state = t.tx.update(jax.grad(t.loss)(p, batch), opt_state, p)
-        return (optax.apply_updates(p, jax.tree.map(lambda u: lr * u, updates)), opt_state), None
-
-    def one_seed(p0, batches):
-        carry, prev, out = (p0, t.tx.init(p0)), 0, []
-        for r in record:
-            if r > prev:
-                carry, _ = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[prev:r], batches))
-                prev = r
-            grads = jax.grad(t.loss)(carry[0], probe)
-            out.append(observables(p0, carry[0], grads, probe["inputs"], scaling,
-                                   scaling.shape.K, config.get("renormalize_gates", False)))
-        return out
-
-    per_seed = jax.jit(jax.vmap(one_seed, in_axes=(0, None)))(t.params, batches)
-    return {r: {k: float(jnp.mean(v)) for k, v in obs.items()} for r, obs in zip(record, per_seed)}
-
-
-def run(config: Any) -> dict[str, Any]:
-    """{parameterization: {'scales', 'steps': {step: {observable: {'values', 'exponent'}}}}}."""
-    config = sweep.prepare(config)
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """{parameterization: `coord.summarize` of its cells} for the prepared `config`."""
     config.steps = max(config.coord.record_steps) + 1
     data = tasks.load(config)
-    results = {}
-    for param in config.coord.parameterizations:
-        per_scale = []
-        for scale in config.coord.scales:
-            c = sweep.cell_config(config, sweep.Cell("coord", config.regime, config.optimizer.name,
-                                                     param, scale))
-            per_scale.append(measure(c, data, config.coord.seeds))
-        steps = {}
-        for step in per_scale[0]:
-            steps[str(step)] = {k: {"values": [s[step][k] for s in per_scale],
-                                    "exponent": fit_exponent(config.coord.scales,
-                                                             [s[step][k] for s in per_scale])}
-                                for k in per_scale[0][step]}
-        results[param] = {"scales": list(config.coord.scales), "steps": steps}
-    return results
+    scales = list(config.coord.scales)
+    return {param: coord.summarize(scales, config.coord.seeds,
+                                   [measure_cell(config, data, param, s, workdir) for s in scales])
+            for param in config.coord.parameterizations}
 
 
-# The rows RESULTS.md reports: the aggregation's split, each role's updates, the router.
-TABLE_ROWS = ("h_agg/base", "h_agg/propagating", "h_agg/effective", "h_agg/cross", "h_agg/total",
-              *(f"{role}/{kind}" for role in ROLE_KERNELS
-                for kind in ("activation", "effective_update", "propagating_update")
-                if f"{role}/{kind}" != "input/propagating_update"),  # the data do not move
-              "router/logit_rms", "router/gate_entropy", "router/max_gate", "router/load_min")
+def _roles(results: dict[str, Any]) -> list[str]:
+    """The roles whose kernel terms were measured (their layers record inputs), in table order."""
+    names = next(iter(next(iter(results.values()))["steps"].values()))
+    return [r for r in presets.ROLES if f"{r}/activation" in names]
 
 
-def format_table(results: dict[str, Any], steps: tuple[str, ...]) -> str:
-    """A Markdown table of exponents: one row per observable, one column per (param, step)."""
-    params = list(results)
-    cols = [(p, s) for p in params for s in steps]
+def table_rows(results: dict[str, Any]) -> tuple[str, ...]:
+    """The rows RESULTS.md reports: the aggregation split, each role's updates, the router."""
+    roles = _roles(results)
+    kinds = {r: KINDS[:2] if r in DATA_ROLES else KINDS for r in roles}
+    return (*AGGREGATION, *(f"{r}/{k}" for r in roles for k in kinds[r]), *ROUTER)
+
+
+def figure_groups(results: dict[str, Any]) -> dict[str, list[str]]:
+    """What `plots.coord_figures` draws: the table's exponents; exponents against the step; one
+    RCC figure per kind (a panel per role), for the aggregation split and for the router."""
+    rows, roles = table_rows(results), _roles(results)
+    groups = {"table": list(rows),
+              "vs_step": [*AGGREGATION[:4], *(f"{r}/effective_update" for r in roles)],
+              "aggregation": list(AGGREGATION), "router": list(ROUTER)}
+    for kind in (*KINDS, "grad"):
+        groups[kind] = [f"{r}/{kind}" for r in roles if f"{r}/{kind}" in rows or kind == "grad"]
+    return groups
+
+
+def format_table(results: dict[str, Any], steps: tuple[str, ...],
+                 rows: tuple[str, ...]) -> str:
+    """A Markdown table of exponents (mean ± seed std of the per-seed fits): one row per
+    observable, one column per (parameterization, step)."""
+    cols = [(p, s) for p in results for s in steps]
     lines = ["| observable | " + " | ".join(f"{p} @{s}" for p, s in cols) + " |",
              "|---|" + "---:|" * len(cols)]
-    for name in TABLE_ROWS:
-        cells = [results[p]["steps"][s][name]["exponent"] for p, s in cols]
-        lines.append(f"| {name} | " + " | ".join("n/a" if np.isnan(x) else f"{x:+.2f}"
-                                                 for x in cells) + " |")
+    for name in rows:
+        cells = [results[p]["steps"][s][name] for p, s in cols]
+        lines.append(f"| {name} | " + " | ".join(
+            "n/a" if np.isnan(c["exponent"]) else f"{c['exponent']:+.2f} ± {c['exponent_std']:.2f}"
+            for c in cells) + " |")
     return "\n".join(lines)
 
 
 def main(config: Any, workdir: str) -> int:
-    """`python run.py coord_check --config configs/sweeps_coord_check.py:regime=II`."""
-    results = run(config)
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, f"coord_check_{config.regime}.json")
-    sweep.write_atomic(path, {"regime": config.regime, "optimizer": config.optimizer.name,
-                              "results": results})
-    figures = plots.coord_figures(results, config.regime, os.path.join(workdir, "figures"))
+    """`python run.py coord_check --config configs/sweeps_coord_check.py:regime=II` (MLP-MoE) or
+    `--config configs/sweeps_coord_check_transformer.py:regime=III` (Transformer-MoE)."""
+    config = sweep.prepare(config)
+    validate(config)
+    results = run(config, workdir)
+    name = tag(config)
+    path = os.path.join(workdir, f"coord_check_{name}.json")
+    sweep.write_atomic(path, {"regime": config.regime, "model": config.model,
+                              "optimizer": config.optimizer.name,
+                              "learning_rate": config.optimizer.learning_rate,
+                              "constants": config.get("constants", "ratio"), "results": results})
+    figures = plots.coord_figures(results, name, figure_groups(results),
+                                  os.path.join(workdir, "figures"))
     print(f"[coord_check] wrote {path} and {len(figures)} figures")
     recorded = sorted(next(iter(results.values()))["steps"], key=int)
-    print(format_table(results, tuple(s for s in recorded if s != "0")))
+    print(format_table(results, tuple(s for s in recorded if s != "0"), table_rows(results)))
     return 0

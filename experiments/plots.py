@@ -135,40 +135,100 @@ def sweep_figures(table: dict[str, Any], records: list[dict[str, Any]], workdir:
             early_curves(records, table, regime, os.path.join(out, f"early_{regime}.png"))]
 
 
-VS_WIDTH = ("h_agg/base", "h_agg/propagating", "h_agg/effective", "h_agg/cross",
-            "router/logit_rms", "readout/activation", "expert_up/effective_update",
-            "expert_down/effective_update")
+def _param_order(results: dict[str, Any]) -> list[str]:
+    return sorted(results, key=lambda p: list(PARAM_STYLE).index(p) if p in PARAM_STYLE else 99)
 
 
-def coord_figures(results: dict[str, Any], regime: str, out: str) -> list[str]:
-    """Exponent bars (every observable, last recorded step) and key observables vs width."""
-    params = sorted(results, key=list(PARAM_STYLE).index)
-    first = results[params[0]]
-    last = max(first["steps"], key=int)
-    names = list(first["steps"][last])
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(names)), 4.0))
+def _seed_spread(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    per_seed = np.asarray(entry["per_seed"], float)  # [scales, seeds]
+    return per_seed.mean(1), per_seed.std(1)
+
+
+def coord_exponents(results: dict[str, Any], names: list[str], title: str, path: str) -> str:
+    """Exponent bars (mean ± seed std of the per-seed fits) at the last recorded step."""
+    params = _param_order(results)
+    last = max(results[params[0]]["steps"], key=int)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(names)), 4.0))
     width = 0.8 / len(params)
     for i, param in enumerate(params):
-        exps = [results[param]["steps"][last][n]["exponent"] for n in names]
-        ax.bar(np.arange(len(names)) + i * width, np.nan_to_num(exps), width, label=param)
+        cells = [results[param]["steps"][last][n] for n in names]
+        ax.bar(np.arange(len(names)) + i * width, np.nan_to_num([c["exponent"] for c in cells]),
+               width, yerr=np.nan_to_num([c["exponent_std"] for c in cells]), capsize=2,
+               label=param)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=75, fontsize=7)
-    ax.set_ylabel("exponent (log-log slope vs N/N0)")
-    ax.set_title(f"coordinate-check exponents at step {last}, regime {regime}")
+    ax.set_ylabel("exponent (log-log slope vs scale)")
+    ax.set_title(f"{title}: exponents at step {last} (mean ± seed std)")
     ax.legend(fontsize=8)
-    paths = [_save(fig, os.path.join(out, f"coord_exponents_{regime}.png"))]
-    fig, axes = plt.subplots(2, 4, figsize=(13, 5.6))
-    for ax, name in zip(axes.flat, VS_WIDTH):
-        for param in params:
-            r = results[param]
-            ax.plot(r["scales"], r["steps"][last][name]["values"], PARAM_STYLE[param], label=param)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("width ratio N/N0")
-        ax.set_ylabel("rms")
-        ax.set_title(name, fontsize=9)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"observables vs width at step {last}, regime {regime}")
+    return _save(fig, path)
+
+
+def rcc(results: dict[str, Any], names: list[str], title: str, path: str) -> str:
+    """The paper's RCC plots: each observable against the scale, one line per recorded step
+    (seed mean, bars: seed std), one panel per observable, one row per parameterization."""
+    params = _param_order(results)
+    steps = sorted(results[params[0]]["steps"], key=int)
+    fig, axes = plt.subplots(len(params), len(names), squeeze=False,
+                             figsize=(2.6 * len(names), 2.3 * len(params)))
+    for row, param in zip(axes, params):
+        r = results[param]
+        for ax, name in zip(row, names):
+            positive = False
+            for colour, step in zip(scale_colours(len(steps)), steps):
+                mean, std = _seed_spread(r["steps"][step][name])
+                positive |= bool(np.any(mean > 0))
+                ax.errorbar(r["scales"], mean, yerr=std, color=colour, marker="o", ms=3, capsize=2,
+                            label=f"step {step}")
+            ax.set_xscale("log", base=2)
+            if positive:  # steps where it is exactly 0 (nothing has moved yet) are left out
+                ax.set_yscale("log", nonpositive="mask")
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_title(f"{param}: {name}", fontsize=8)
+            ax.tick_params(labelsize=7)
+        row[0].set_ylabel("rms")
+    for ax in axes[-1]:
+        ax.set_xlabel("scale (N/N0)")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(title)
     fig.tight_layout()
-    paths.append(_save(fig, os.path.join(out, f"coord_vs_width_{regime}.png")))
+    return _save(fig, path)
+
+
+def exponents_vs_step(results: dict[str, Any], names: list[str], title: str, path: str) -> str:
+    """Each observable's exponent (mean ± seed std) against the training step, one panel per
+    parameterization."""
+    params = _param_order(results)
+    steps = sorted(results[params[0]]["steps"], key=int)
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, param in zip(axes[0], params):
+        for i, name in enumerate(names):
+            cells = [results[param]["steps"][s][name] for s in steps]
+            ax.errorbar(np.arange(len(steps)) + 0.03 * i, [c["exponent"] for c in cells],
+                        yerr=[c["exponent_std"] for c in cells], marker="o", ms=3, capsize=2,
+                        label=name, color=plt.cm.tab20(i % 20))
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(np.arange(len(steps)), steps)
+        ax.set_xlabel("step")
+        ax.set_title(param)
+    axes[0, 0].set_ylabel("exponent")
+    axes[0, -1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def coord_figures(results: dict[str, Any], tag: str, groups: dict[str, list[str]],
+                  out: str) -> list[str]:
+    """Exponent bars of `groups['table']`, one RCC figure per other group (panels: its
+    observables) and the exponents of `groups['vs_step']` against the step."""
+    title = f"coordinate check {tag}"
+    paths = [coord_exponents(results, groups["table"], title,
+                             os.path.join(out, f"coord_exponents_{tag}.png")),
+             exponents_vs_step(results, groups["vs_step"], title,
+                               os.path.join(out, f"coord_exponents_vs_step_{tag}.png"))]
+    for group, names in groups.items():
+        if group not in ("table", "vs_step") and names:
+            paths.append(rcc(results, names, f"{title}: {group}",
+                             os.path.join(out, f"coord_rcc_{tag}_{group}.png")))
     return paths

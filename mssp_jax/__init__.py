@@ -47,6 +47,9 @@ from mssp_jax.optim import make_optimizer  # adamw or sgd, as scaling.optimizer 
 from mssp_jax.optim import scale_by_tree  # stateless per-leaf multiply
 from mssp_jax.optim import sgd  # SGD (optional momentum) with per-role LR
 
+# Coordinate checks (the module mssp_jax.coord also has record / capture for layer authors).
+from mssp_jax.coord import check as coordinate_check  # any labelled model: exponents over seeds
+
 # Inspection.
 from mssp_jax.describe import describe as describe_params  # one row per parameter
 from mssp_jax.describe import format_table  # those rows as a readable table
@@ -58,5 +61,5 @@ __all__ = [
     "NNX_STACKED_LAYERS", "label", "linen_with_role", "reinit", "with_role",
     "MLPMoE", "TransformerMoE", "MoE", "Routing", "route",
     "adamw", "eps_multipliers", "lr_multipliers", "make_optimizer", "scale_by_tree", "sgd",
-    "describe_params", "format_table",
+    "coordinate_check", "describe_params", "format_table",
 ]

@@ -39,11 +39,14 @@ PACKED_SORT_LIMIT = 2**31  # (expert, slot) packed in one int32 sort key below t
 def dense(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array, weights: jax.Array,
           act: Activation) -> jax.Array:
     """Every expert on every token, masked by the gates: exact, simple, cost ~ M/K x active."""
-    num_experts = w_up.shape[0]
-    gates = jnp.zeros((x.shape[0], num_experts), weights.dtype)
-    gates = gates.at[jnp.arange(x.shape[0])[:, None], idx].add(weights)  # [T, M]
     hidden = act(jnp.einsum("tn,mne->tme", x, w_up))
-    return jnp.einsum("tme,men,tm->tn", hidden, w_down, gates)
+    return jnp.einsum("tme,men,tm->tn", hidden, w_down, dense_gates(idx, weights, w_up.shape[0]))
+
+
+def dense_gates(idx: jax.Array, weights: jax.Array, num_experts: int) -> jax.Array:
+    """The gates as a [T, M] matrix: weights[t, k] at (t, idx[t, k]), 0 for unselected experts."""
+    gates = jnp.zeros((idx.shape[0], num_experts), weights.dtype)
+    return gates.at[jnp.arange(idx.shape[0])[:, None], idx].add(weights)
 
 
 class Slots(NamedTuple):

@@ -9,13 +9,14 @@ its classification accuracy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from mssp_jax.moe import Routing
+if TYPE_CHECKING:  # moe.py uses router_metrics (coordinate checks)
+    from mssp_jax.moe import Routing
 
 
 def router_metrics(routings: list[Routing]) -> dict[str, jax.Array]:

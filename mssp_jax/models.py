@@ -14,6 +14,7 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec
 
+from mssp_jax import coord
 from mssp_jax.dispatch import Dispatch
 from mssp_jax.moe import MoE, Routing, gelu
 from mssp_jax.params import labelled_param
@@ -44,7 +45,12 @@ class Linear(nnx.Module):
         self.mult = scaling.multiplier(role)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ (self.mult * self.kernel[...])
+        coord.record(self, kernel=x)
+        return self.coord_apply("kernel", self.kernel[...], x)
+
+    def coord_apply(self, name: str, w: jax.Array, x: jax.Array) -> jax.Array:
+        """The kernel `w` applied to `x` (the forward pass; `mssp_jax.coord` replays it)."""
+        return x @ (self.mult * w)
 
 
 class RMSNorm(nnx.Module):
@@ -56,8 +62,15 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return x / rms * self.scale[...] if self.scale is not None else x / rms
+        normed = x / jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if self.scale is None:
+            return normed
+        coord.record(self, scale=normed)
+        return self.coord_apply("scale", self.scale[...], normed)
+
+    def coord_apply(self, name: str, w: jax.Array, x: jax.Array) -> jax.Array:
+        """The gain `w` applied to the normalised `x`."""
+        return x * w
 
 
 class MLPMoE(nnx.Module):
@@ -169,11 +182,16 @@ class TransformerMoE(nnx.Module):
         self.lm_head = Linear(s.N, vocab_size, "readout", ("embed", "vocab"), scaling, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[Routing]]:
-        table = constrain(self.embed[...], ("vocab", None))  # whole rows: gathered like FSDP weights
-        x = constrain(self.embed_mult * jnp.take(table, tokens, axis=0))
+        coord.record(self, embed=tokens)
+        x = constrain(self.coord_apply("embed", self.embed[...], tokens))
         routings = []
         for block in self.blocks:
             x, routing = block(x)
             if routing is not None:
                 routings.append(routing)
         return self.lm_head(self.final_norm(x)), routings
+
+    def coord_apply(self, name: str, w: jax.Array, tokens: jax.Array) -> jax.Array:
+        """The embedding table `w` looked up at `tokens`."""
+        table = constrain(w, ("vocab", None))  # whole rows: gathered like FSDP weights
+        return self.embed_mult * jnp.take(table, tokens, axis=0)

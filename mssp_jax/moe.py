@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mssp_jax import coord
 from mssp_jax import dispatch as dispatch_lib
+from mssp_jax.losses import router_metrics
 from mssp_jax.params import labelled_param
 from mssp_jax.scaling import ConfigError, Scaling
 
@@ -119,9 +121,41 @@ class MoE(nnx.Module):
     def __call__(self, h: jax.Array) -> tuple[jax.Array, Routing]:
         lead = h.shape[:-1]
         x = h.reshape(-1, h.shape[-1])
-        logits = x @ (self.router_mult * self.router[...])
+        logits = self.coord_apply("router", self.router[...], x)
         routing = route(logits, self.top_k, self.gate_scale, self.renormalize, self.load_balance)
         w_up = self.up_mult * self.w_up[...]
         w_down = self.down_mult * self.w_down[...]
         y = self.dispatch(x, w_up, w_down, routing.idx, routing.weights, gelu(self.exact_gelu))
+        coord.record(self, router=x, w_up=x, routing=routing, output=y,
+                     w_down=lambda: self.coord_every_expert(x))  # evaluated only when recording
         return y.reshape(*lead, -1), routing
+
+    def coord_every_expert(self, x: jax.Array) -> jax.Array:
+        """Every expert's hidden units on every token [T, M, N_e] (coordinate checks)."""
+        return gelu(self.exact_gelu)(self.coord_apply("w_up", self.w_up[...], x))
+
+    def coord_apply(self, name: str, w: jax.Array, x: jax.Array) -> jax.Array:
+        """Parameter `name` applied to its input: router logits [T, M], every expert's
+        pre-activation [T, M, N_e], every expert's output before its gate [T, M, N]."""
+        if name == "router":
+            return x @ (self.router_mult * w)
+        if name == "w_up":
+            return jnp.einsum("tn,mne->tme", x, self.up_mult * w)
+        return jnp.einsum("tme,men->tmn", x, self.down_mult * w)
+
+    def coord_observables(self, p0: dict, pt: dict, r0: dict, rt: dict) -> dict[str, jax.Array]:
+        """The router's statistics now, and the aggregation h_agg = sum_m g_m W2_m e_m split into
+        base sum g W2(0) e(0), propagating sum g W2(0) de, effective sum g dW2 e(0) and cross
+        sum g dW2 de (g: the gates now; e(0): the experts' hidden units at W_0 on the W_0 input)."""
+        routing = rt["routing"]
+        gates = dispatch_lib.dense_gates(routing.idx, routing.weights, routing.logits.shape[-1])
+        e0, de = r0["w_down"], rt["w_down"] - r0["w_down"]
+        w0, dw = self.down_mult * p0["w_down"], self.down_mult * (pt["w_down"] - p0["w_down"])
+        agg = lambda e, w: coord.rms(jnp.einsum("tme,men,tm->tn", e, w, gates))  # noqa: E731
+        stats = router_metrics([routing])
+        return {"router/logit_rms": coord.rms(routing.logits),
+                "router/gate_entropy": stats["router_entropy"], "router/max_gate": stats["max_gate"],
+                "router/load_max": stats["load_max"], "router/load_min": stats["load_min"],
+                "h_agg/total": coord.rms(rt["output"]), "h_agg/base": agg(e0, w0),
+                "h_agg/propagating": agg(de, w0), "h_agg/effective": agg(e0, dw),
+                "h_agg/cross": agg(de, dw)}

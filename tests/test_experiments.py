@@ -10,15 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from configs import sweeps_coord_check, sweeps_mlp_moe, sweeps_transformer_moe
+from configs import (sweeps_coord_check, sweeps_coord_check_transformer, sweeps_mlp_moe,
+                     sweeps_transformer_moe)
 from experiments import coord_check, summary, sweep, tasks
-from mssp_jax import factory, vmap_train
+from mssp_jax import coord, vmap_train
+from mssp_jax.scaling import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,14 +26,6 @@ def quick(module, regime: str = "II"):
     config = module.get_config(f"regime={regime}")
     config.quick = True
     return sweep.prepare(config)
-
-
-def test_fit_exponent_recovers_power_laws():
-    ratios = [1, 2, 4, 8]
-    for exponent in (-1.0, -0.5, 0.0, 0.5, 2.0):
-        values = [3.7 * r**exponent for r in ratios]
-        assert coord_check.fit_exponent(ratios, values) == pytest.approx(exponent, abs=1e-9)
-    assert np.isnan(coord_check.fit_exponent(ratios, [1.0, 0.0, 1.0, 1.0]))
 
 
 def test_vmapped_lrs_equal_sequential_runs():
@@ -113,30 +104,62 @@ def test_quick_sweep_stopped_by_sigterm_resumes_records_divergence_and_plots(tmp
         assert os.path.getsize(os.path.join(workdir, "figures", f"{name}.png")) > 10_000
 
 
-def test_coord_check_forward_matches_model():
-    config = sweep.cell_config(quick(sweeps_coord_check, "III"),
-                               sweep.Cell("coord", "III", "adam", "mssp", 2))
-    scaling = factory.validate(config)
-    model = factory.build_model(config, nnx.Rngs(0), scaling)
-    x = jnp.asarray(tasks.load(config)["eval"]["inputs"])
-    terms = coord_check.forward_terms(nnx.pure(nnx.state(model, nnx.Param)), x, scaling,
-                                      scaling.shape.K, False)
-    np.testing.assert_allclose(terms["out"], model(x)[0], rtol=1e-5, atol=1e-6)
-
-
 def test_quick_coord_check_writes_exponents_and_figures(tmp_path):
     config = sweeps_coord_check.get_config("regime=III")
     config.quick = True
     assert coord_check.main(config, str(tmp_path)) == 0
     with open(tmp_path / "coord_check_III.json") as f:
         out = json.load(f)["results"]
-    assert set(out) == {"mssp"}
+    assert set(out) == {"mssp"} and out["mssp"]["seeds"] == [0, 1]
     step0, step2 = out["mssp"]["steps"]["0"], out["mssp"]["steps"]["2"]
-    assert step0["h_agg/effective"]["values"] == [0.0, 0.0]  # nothing has moved at step 0
-    assert all(v > 0 for v in step2["h_agg/effective"]["values"])
-    assert np.isfinite(step2["router/logit_rms"]["exponent"])
-    for name in ("coord_exponents_III", "coord_vs_width_III"):
+    for name in ("h_agg/effective", "h_agg/propagating", "expert_down/propagating_update"):
+        assert step0[name]["per_seed"] == [[0.0, 0.0], [0.0, 0.0]], name  # nothing has moved
+    assert np.isnan(step0["h_agg/effective"]["exponent"])
+    effective = np.asarray(step2["h_agg/effective"]["per_seed"])
+    assert (effective > 0).all()
+    fits = [coord.fit_exponent([1, 2], effective[:, s]) for s in (0, 1)]
+    assert step2["h_agg/effective"]["exponents"] == pytest.approx(fits)
+    assert step2["h_agg/effective"]["exponent"] == pytest.approx(np.mean(fits))
+    for name in ("coord_exponents_III", "coord_exponents_vs_step_III", "coord_rcc_III_aggregation",
+                 "coord_rcc_III_effective_update"):
         assert os.path.getsize(tmp_path / "figures" / f"{name}.png") > 10_000
+    # a re-run reads the finished cells instead of training again
+    cells = sorted(os.listdir(tmp_path / "cells"))
+    assert cells == ["coord-III-adam-mssp-x1.json", "coord-III-adam-mssp-x2.json"]
+    before = os.path.getmtime(tmp_path / "cells" / cells[0])
+    assert coord_check.main(config, str(tmp_path)) == 0
+    assert os.path.getmtime(tmp_path / "cells" / cells[0]) == before
+
+
+@pytest.mark.parametrize("field, value", [("scales", (1,)), ("record_steps", (0, -1)),
+                                          ("parameterizations", ("mssp", "nope"))])
+def test_coord_check_rejects_bad_input_before_compute(tmp_path, field, value):
+    config = sweeps_coord_check.get_config("regime=III")
+    config.coord[field] = value
+    with pytest.raises(ConfigError, match="coord.scales|coord.record_steps|parameterization"):
+        coord_check.main(config, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_quick_transformer_coord_check_measures_every_block(tmp_path):
+    config = sweeps_coord_check_transformer.get_config("regime=II")
+    config.quick = True
+    assert coord_check.main(config, str(tmp_path)) == 0
+    with open(tmp_path / "coord_check_transformer_II.json") as f:
+        out = json.load(f)["results"]["mssp"]
+    for name in ("h_agg/propagating", "attn_out/propagating_update", "Block/output_change"):
+        assert np.all(np.asarray(out["steps"]["0"][name]["per_seed"]) == 0), name
+    step = out["steps"]["2"]
+    for block in (0, 1):  # the MoE layer of each block: its split and router, per layer
+        for name in ("h_agg/base", "h_agg/effective", "router/logit_rms", "w_up/effective_update"):
+            assert f"blocks/{block}/ffn/{name}" in step
+    for role in ("embedding", "attn_qkv", "attn_out", "norm", "router", "expert_down", "readout"):
+        assert all(v > 0 for v in step[f"{role}/effective_update"]["values"]), role
+    assert "embedding/propagating_update" not in step  # its input is the data
+    layers = [step[f"blocks/{b}/ffn/h_agg/base"]["per_seed"][0][1] for b in (0, 1)]
+    pooled = step["h_agg/base"]["per_seed"][0][1]  # scale x1, seed 1: quadratic mean of layers
+    assert pooled == pytest.approx(np.sqrt(np.mean(np.square(layers))), rel=1e-6)
+    assert os.path.getsize(tmp_path / "figures" / "coord_rcc_transformer_II_aggregation.png") > 10_000
 
 
 def test_lm_task_windows_are_next_byte_pairs_each_used_once():

@@ -45,10 +45,21 @@ def test_guide_runs_and_its_claims_hold():
     assert jax.tree.structure(guide["params"]) == jax.tree.structure(
         guide["nn"].unbox(guide["variables"]["params"]))
     assert np.isfinite(float(guide["loss"]))
-    # (c) the custom table's router LR rule rN^-1; (e) one result per (width, LR).
+    # (c) the custom table's router LR rule rN^-1
     assert guide["custom"].lr_scale("router") == pytest.approx(guide["base"].N / guide["shape"].N)
-    expected = (len(guide["widths"]), len(guide["lrs"]))
-    assert guide["final_loss"].shape == guide["feature_change"].shape == expected
+    # (e) the coordinate check of the third-party model: every role, nothing moved at step 0,
+    # exponents after training; and one LR-transfer result per (width, LR).
+    check = guide["check"]
+    assert check["scales"] == [16, 64] and check["seeds"] == [0, 1]
+    at_init, after = check["steps"]["0"], check["steps"]["10"]
+    for role in guide["ROLES"].values():
+        assert np.all(np.asarray(at_init[f"{role}/weight_change"]["per_seed"]) == 0), role
+        assert np.all(np.asarray(after[f"{role}/grad"]["per_seed"]) > 0), role
+    assert at_init["TinyMoE.features/output_change"]["values"] == [0.0, 0.0]
+    assert after["features/output_change"] == after["TinyMoE.features/output_change"]
+    for name in ("TinyMoE.features/output_change", "head/output_change", "router/output_change"):
+        assert np.isfinite(after[name]["exponent"]) and after[name]["exponent_std"] >= 0
+    assert guide["final_loss"].shape == (len(guide["widths"]), len(guide["lrs"]))
     assert np.isfinite(np.asarray(guide["final_loss"])).all()
 
 

@@ -1,0 +1,45 @@
+"""The paper's Transformer-MoE LR transfer in paper form, at a CPU-affordable size (issue 11).
+
+Sparse routing (K/M = 1/2, as the reference's sparse families), Adam(W) as the reference's runs
+(b2 0.95, weight decay 0.1 on every parameter, clip 1.0, warmup from lr/(w+1), cosine to lr/10),
+its load-balancing loss (selected sigmoid gates, weight 0.01, summed over layers), QK-norm without
+gain, exact GELU, the paper form's constants (without the tuned multipliers of its d_model-256
+base). Base N0 = 16 (head_dim 8), L = 4 blocks, M0 = 4, K0 = 2; regime II N_e = 8, regime III
+N_e = N/2; widths x1, x2, x4, x8 (N = 16 -> 128); 1,000 online steps of 8 windows of 32 bytes of
+the embedded Shakespeare corpus (each window seen once); 3 seeds; sp / mup / mssp.
+Arguments: `configs/sweeps_transformer_x8.py:regime=II` (III is the default);
+--config.quick=True is the tiny variant the tests run.
+"""
+
+from __future__ import annotations
+
+from configs import common, sweeps_mlp_moe, transformer_moe
+
+ARGS = {"regime": ("III", "II")}
+BASE = {"II": (16, 8, 4, 2), "III": (16, 8, 4, 2)}
+LR_GRID = tuple(10.0 ** (-3.5 + k / 2) for k in range(6))  # x sqrt(10), as the reference's grids
+
+
+def get_config(arg: str | None = None):
+    regime = common.parse_args(arg, ARGS)["regime"]
+    c = transformer_moe.get_config(f"regime={regime}")
+    c.base_shape = common.shape(*BASE[regime], 4)
+    c.shape = common.regime_shape(BASE[regime], regime, 1, 4)
+    c.constants, c.paper_tuned = "paper", False
+    c.head_dim, c.seq_len = 8, 32
+    c.qk_norm_gain, c.exact_gelu = False, True
+    c.load_balance, c.aux_loss_layers, c.aux_loss_weight = "selected_gates", "sum", 0.01
+    c.optimizer.update(b1=0.9, b2=0.95, weight_decay=0.1, decay_all=True, grad_clip=1.0,
+                       schedule="cosine", warmup_steps=50, warmup_start="reference",
+                       final_lr_ratio=0.1)
+    c.task, c.data_seed = "lm", 0
+    c.steps, c.batch_size, c.eval_size = 1000, 8, 256
+    c.sweep = sweeps_mlp_moe.sweep_fields(
+        scales=(1, 2, 4, 8), parameterizations=("sp", "mup", "mssp"), optimizers=("adam",),
+        seeds=(0, 1, 2), lr_grids={"adam": LR_GRID, "sgd": LR_GRID})
+    c.sweep.multipliers.enabled = False
+    c.quick_overrides = dict(
+        steps=4, batch_size=2, eval_size=4, seq_len=8,
+        sweep=dict(scales=(1, 2), parameterizations=("mssp",), seeds=(0,), early_steps=2,
+                   lr_grids={"adam": (1e-3, 1e30), "sgd": (1e-3, 1e30)}))
+    return c
