@@ -1,0 +1,228 @@
+"""The paper's four LR-transfer claims judged on finished sweeps, one table per claim.
+
+(a) MSSP's optimal LR does not move with scale; (b) MSSP's loss improves at every larger scale;
+(c) muP does not reliably do both (its optimum drifts, its loss is not monotone, or it learns
+later at larger scale); (d) SP's optimal LR drifts. A sweep directory is named
+`<regime>-<optimizer>-<constants>-<data>` (experiments/x16_campaign.sh) and holds the cells and
+summary that `run.py sweep` writes. Error bars come from the seeds: the drift of each seed's own
+optimum (its range over seeds) and the seed std of the loss at the optimum.
+
+    python3 -m experiments.claims --results experiments/results/x16 --figures docs/figures/x16
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from experiments import plots, summary
+
+TRANSFER_STEPS = 1  # an optimum moving at most one grid step counts as transferring
+PARAMS = ("mssp", "mup", "sp")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One finished (regime, optimizer, constants, data) sweep: its summary and raw cells."""
+    regime: str
+    optimizer: str
+    constants: str
+    data: str
+    table: dict[str, Any]  # summary.summarize output for the optimizer
+    cells: dict[str, list[dict[str, Any]]]  # parameterization -> LR cells sorted by scale
+    hours: float  # wall time on the 2-core machine (wall_hours)
+
+    @property
+    def name(self) -> str:
+        return f"{self.regime} {self.optimizer} {self.constants} {self.data}"
+
+
+def load(results: str) -> list[Sweep]:
+    """Every sweep under `results` with at least two finished scales of sp, mup and mssp."""
+    sweeps = []
+    for path in sorted(glob.glob(os.path.join(results, "*-*-*-*/"))):
+        regime, optimizer, constants, data = os.path.basename(path.rstrip("/")).split("-")
+        records = [json.load(open(f)) for f in glob.glob(os.path.join(path, "cells", "lr-*.json"))]
+        table = summary.summarize(records).get(optimizer, {})
+        if not all(len(table.get(p, {}).get("scales", ())) >= 2 for p in PARAMS):
+            continue
+        cells = {p: sorted((r for r in records if r["cell"]["parameterization"] == p),
+                           key=lambda r: r["cell"]["scale"]) for p in table}
+        sweeps.append(Sweep(regime, optimizer, constants, data, table, cells, wall_hours(path)))
+    order = {"II": 0, "III": 1, "I": 2}
+    return sorted(sweeps, key=lambda s: (s.data, s.constants, order[s.regime], s.optimizer))
+
+
+def seed_drifts(cells: list[dict[str, Any]]) -> list[int]:
+    """Each seed's own drift: grid steps between its lowest and highest optimal LR over scales
+    (a diverged run never is an optimum)."""
+    tables = [summary.loss_table(c["runs"])[1] for c in cells]  # [lr, seed] per scale
+    drifts = []
+    for s in range(min(t.shape[1] for t in tables)):
+        idx = [int(np.nanargmin(t[:, s])) for t in tables if not np.isnan(t[:, s]).all()]
+        drifts.append(max(idx) - min(idx) if idx else 0)
+    return drifts
+
+
+def half_time(cells: list[dict[str, Any]], lr: float) -> float:
+    """Steps until the seed-mean training loss at `lr` has made half of its total decrease
+    (curve logged as 10-step means): how late learning starts."""
+    curves = np.array([r["curve_10"] for r in cells["runs"] if r["lr"] == lr and not r["diverged"]])
+    if not len(curves):
+        return float("nan")
+    curve = curves.mean(0)
+    target = curve[0] - 0.5 * (curve[0] - curve.min())
+    return float(10 * (np.argmax(curve <= target) + 1))
+
+
+def delay(cells: list[dict[str, Any]], family: dict[str, Any]) -> float:
+    """Half-time at the largest scale over half-time at the base, each at its own optimum."""
+    first, last = cells[0], cells[-1]
+    return half_time(last, family["opt_lr"][-1]) / half_time(first, family["opt_lr"][0])
+
+
+def reversals(family: dict[str, Any]) -> int:
+    """Scale steps where the best loss rises by more than the two seed stds combined."""
+    best, std = np.array(family["best_loss"]), np.array(family["best_loss_std"])
+    rise = np.diff(best) - np.hypot(std[1:], std[:-1])
+    return int((rise > 0).sum())
+
+
+def wall_hours(path: str, gap_s: float = 3600.0) -> float:
+    """The sweep's wall time from its cells' file times: the sum of the gaps between consecutive
+    finished cells, leaving out gaps over `gap_s` (the campaign was stopped between sessions) and
+    the first cell's own time (no start time is kept)."""
+    times = np.sort([os.path.getmtime(f) for f in glob.glob(os.path.join(path, "cells", "*.json"))])
+    gaps = np.diff(times)
+    return float(gaps[gaps < gap_s].sum() / 3600)
+
+
+def _lrs(f: dict[str, Any]) -> str:
+    return ", ".join("div" if x is None else f"{x:.3g}" + ("*" if e else "")
+                     for x, e in zip(f["opt_lr"], f["opt_at_grid_edge"]))
+
+
+def _losses(f: dict[str, Any]) -> str:
+    return ", ".join(f"{m:.4f}±{s:.4f}" for m, s in zip(f["best_loss"], f["best_loss_std"]))
+
+
+def _drift(f: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+    d = seed_drifts(cells)
+    return f"{f['drift_steps']} (seeds {min(d)}-{max(d)})"
+
+
+def _spacing(f: dict[str, Any]) -> str:
+    return f"x{f['lrs'][1] / f['lrs'][0]:.3g}"
+
+
+def _row(s: Sweep, *cols: str) -> str:
+    scales = s.table[PARAMS[0]]["scales"]
+    return (f"| {s.regime} | {s.optimizer} | {s.constants} | {s.data} | x{scales[0]}-x{scales[-1]} "
+            f"| {' | '.join(cols)} |")
+
+
+HEAD = "| regime | opt | constants | data | range | "
+
+
+def transfer_table(sweeps: list[Sweep], param: str, drifts: bool) -> str:
+    """Claims (a) and (d): where the optimum sits per scale and how far it moves. The paper says
+    it stays (`drifts=False`, MSSP) or moves (`drifts=True`, SP)."""
+    lines = [HEAD + "grid | optimal LR per scale | drift, grid steps (per-seed range) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in sweeps:
+        f = s.table[param]
+        moved = f["drift_steps"] > TRANSFER_STEPS
+        verdict = "agree" if moved == drifts else "disagree"
+        lines.append(_row(s, _spacing(f), _lrs(f), _drift(f, s.cells[param]), verdict))
+    return "\n".join(lines)
+
+
+def monotone_table(sweeps: list[Sweep]) -> str:
+    """Claim (b): MSSP's best loss per scale, whether it falls at every step, and how many
+    steps rise by more than the seed noise."""
+    lines = [HEAD + "best loss per scale (mean±std, 4 seeds) | monotone | rises beyond noise "
+             "| verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in sweeps:
+        f = s.table["mssp"]
+        verdict = "agree" if f["monotone_best"] else (
+            "agree within noise" if reversals(f) == 0 else "disagree")
+        lines.append(_row(s, _losses(f), str(f["monotone_best"]), str(reversals(f)), verdict))
+    return "\n".join(lines)
+
+
+def mup_table(sweeps: list[Sweep]) -> str:
+    """Claim (c): muP fails at least one of transfer, monotone gains, undelayed learning
+    (half-time ratio largest/base scale above MSSP's by 25%)."""
+    lines = [HEAD + "muP drift (seeds) | muP monotone | delay muP / MSSP | muP fails | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sweeps:
+        f, g = s.table["mup"], s.table["mssp"]
+        d_mup, d_mssp = delay(s.cells["mup"], f), delay(s.cells["mssp"], g)
+        fails = [name for name, bad in (("drift", f["drift_steps"] > TRANSFER_STEPS),
+                                        ("monotone", not f["monotone_best"] and reversals(f) > 0),
+                                        ("delay", d_mup > 1.25 * d_mssp)) if bad]
+        lines.append(_row(s, _drift(f, s.cells["mup"]), str(f["monotone_best"]),
+                          f"{d_mup:.2f} / {d_mssp:.2f}", ", ".join(fails) or "none",
+                          "agree" if fails else "disagree"))
+    return "\n".join(lines)
+
+
+def drift_figure(sweeps: list[Sweep], path: str) -> str:
+    """Optimal-LR grid index vs scale, one panel per sweep, a line per parameterization, the
+    seed range as a band."""
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(sweeps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, s in zip(axes.flat, sweeps):
+        for p in PARAMS:
+            f = s.table[p]
+            idx = np.array([np.nan if i is None else i for i in f["opt_index"]], float)
+            per_seed = np.array([[np.nanargmin(summary.loss_table(c["runs"])[1][:, k])
+                                  for k in range(min(f["seeds"]))] for c in s.cells[p]], float)
+            ax.plot(f["scales"], idx, marker="o", label=p)
+            ax.fill_between(f["scales"], per_seed.min(1), per_seed.max(1), alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_title(s.name, fontsize=8)
+        ax.set_ylabel("optimal LR (grid index)", fontsize=7)
+    for ax in list(axes.flat)[len(sweeps):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    return plots._save(fig, path)
+
+
+def report(results: str, figures: str | None) -> str:
+    """The four claim tables (Markdown) over every finished sweep under `results`."""
+    sweeps = load(results)
+    out = [f"Sweeps: {len(sweeps)} under {results}. Transfer = the seed-mean optimum moves at most "
+           f"{TRANSFER_STEPS} grid step; * = optimum on the grid edge.", "",
+           "**(a) MSSP's optimal LR is stable**", "", transfer_table(sweeps, "mssp", False), "",
+           "**(b) MSSP's loss improves monotonically with scale**", "", monotone_table(sweeps), "",
+           "**(c) muP does not reliably transfer and improve**", "", mup_table(sweeps), "",
+           "**(d) SP's optimal LR drifts**", "", transfer_table(sweeps, "sp", True), "",
+           "Wall time per sweep (2 shared cores, nice 19): " + "; ".join(
+               f"{s.name} {s.hours:.1f} h" for s in sweeps)]
+    if figures and sweeps:
+        os.makedirs(figures, exist_ok=True)
+        out += ["", f"Figure: {drift_figure(sweeps, os.path.join(figures, 'optimal_lr.png'))}"]
+    return "\n".join(out)
+
+
+_RESULTS = flags.DEFINE_string("results", "experiments/results/x16", "folder of sweep folders")
+_FIGURES = flags.DEFINE_string("figures", None, "where to write the drift figure (optional)")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    print(report(_RESULTS.value, _FIGURES.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,71 @@
+"""experiments.claims: the verdicts follow from the numbers (synthetic cells with known optima)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import claims
+
+LRS = (0.01, 0.1, 1.0, 10.0)
+
+
+def cell(param: str, scale: int, optima: list[int], curve=(1.0, 0.9, 0.6, 0.5, 0.5)) -> dict:
+    """An LR cell whose seed `s` has its lowest loss at grid index optima[s]; loss falls with
+    scale (0.1 / scale at the optimum)."""
+    runs = [dict(lr=lr, seed=s, eval_loss=0.1 / scale + 0.01 * abs(i - best), diverged=False,
+                 curve_10=list(curve)) for s, best in enumerate(optima) for i, lr in enumerate(LRS)]
+    return dict(cell=dict(kind="lr", regime="II", optimizer="adam", parameterization=param,
+                          scale=scale), runs=runs)
+
+
+def test_seed_drifts_are_each_seeds_own_range():
+    assert claims.seed_drifts([cell("mssp", 1, [1, 2]), cell("mssp", 2, [3, 2])]) == [2, 0]
+
+
+def test_half_time_is_the_first_logged_step_past_half_the_decrease():
+    # decrease 1.0 -> 0.5: half is 0.75, first reached by the third 10-step block
+    assert claims.half_time(cell("mup", 1, [0]), LRS[0]) == 30.0
+
+
+def test_reversals_count_rises_beyond_the_seed_noise():
+    f = dict(best_loss=[1.0, 1.1, 0.9, 0.905], best_loss_std=[0.01, 0.01, 0.01, 0.01])
+    assert claims.reversals(f) == 1  # 0.9 -> 0.905 is within the noise
+
+
+def last_row(section: str) -> str:
+    return [r for r in section.splitlines() if r.startswith("|")][-1]
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A regime-II Adam sweep: MSSP stays at index 1, muP moves by 2, SP by 3."""
+    cells = tmp_path / "II-adam-paper-mnist1d" / "cells"
+    cells.mkdir(parents=True)
+    optima = {"mssp": ([1, 1], [1, 1]), "mup": ([1, 1], [3, 3]), "sp": ([3, 3], [0, 0])}
+    for param, per_scale in optima.items():
+        for scale, opt in zip((1, 4), per_scale):
+            (cells / f"lr-II-adam-{param}-x{scale}.json").write_text(
+                json.dumps(cell(param, scale, opt)))
+    return tmp_path
+
+
+def test_report_gives_each_claim_its_verdict(results):
+    sweeps = claims.load(str(results))
+    assert [s.name for s in sweeps] == ["II adam paper mnist1d"]
+    assert sweeps[0].table["mup"]["drift_steps"] == 2
+    text = claims.report(str(results), None).split("**")  # heading, table, heading, table...
+    assert [text[i][:3] for i in (1, 3, 5, 7)] == ["(a)", "(b)", "(c)", "(d)"]
+    verdict = lambda i: last_row(text[i]).split("|")[-2].strip()  # noqa: E731
+    assert verdict(2) == "agree"  # (a) MSSP drift 0
+    assert verdict(4) == "agree"  # (b) MSSP 0.1 -> 0.025
+    assert verdict(6) == "agree"  # (c) muP drifts by 2 grid steps
+    assert verdict(8) == "agree"  # (d) SP drifts by 3
+
+
+def test_an_mssp_optimum_that_moves_is_a_disagreement(results):
+    path = results / "II-adam-paper-mnist1d" / "cells" / "lr-II-adam-mssp-x4.json"
+    path.write_text(json.dumps(cell("mssp", 4, [3, 3])))
+    table = claims.transfer_table(claims.load(str(results)), "mssp", drifts=False)
+    assert table.splitlines()[-1].endswith("| 2 (seeds 2-2) | disagree |")
+    assert np.isfinite(claims.load(str(results))[0].hours)
