@@ -157,17 +157,18 @@ def test_sigint_then_sigterm_save_and_resume_each_step_once(data_dir, tmp_path, 
         [r["loss"] for r in metrics.read(workdir, "train").values()], rel=1e-6)
 
 
-def test_a_signal_requests_a_stop_and_a_second_sigint_interrupts():
+def test_a_signal_requests_a_stop_and_a_second_acts_as_without_us():
+    # The second signal's effect is checked as the handler in place, not by raising
+    # KeyboardInterrupt: that could land in a GC callback, which swallows it.
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with preemption.StopSignals() as stop:
-            assert not stop.reached(1)
-            os.kill(os.getpid(), signal.SIGINT)
-            while stop.received is None:  # the handler runs on the main thread, soon
-                time.sleep(0.01)
-            assert stop.reached(2) and stop.describe() == "SIGINT"
-            os.kill(os.getpid(), signal.SIGINT)  # again: Python's own handler
-            time.sleep(5)
+    with preemption.StopSignals() as stop:
+        assert not stop.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        while stop.received is None:  # the handler runs on the main thread, soon
+            time.sleep(0.01)
+        assert stop.reached(2) and stop.describe() == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) is handlers[0]  # a second SIGINT: Python's own
+        assert signal.getsignal(signal.SIGTERM) is not handlers[1]  # SIGTERM still ours
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
