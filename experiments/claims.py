@@ -7,7 +7,7 @@ later at larger scale); (d) SP's optimal LR drifts. A sweep directory is named
 summary that `run.py sweep` writes. Error bars come from the seeds: the drift of each seed's own
 optimum (its range over seeds) and the seed std of the loss at the optimum.
 
-    python3 -m experiments.claims --results experiments/results/x16 --figures docs/figures/x16
+    python3 -m experiments.claims --figures docs/figures/x16 --update docs/RESULTS.md
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from experiments import plots, summary
 
 TRANSFER_STEPS = 1  # an optimum moving at most one grid step counts as transferring
 PARAMS = ("mssp", "mup", "sp")
+DOCS = "docs"  # figure links are relative to where RESULTS.md lives
 
 
 @dataclass(frozen=True)
@@ -182,20 +183,37 @@ def drift_figure(sweeps: list[Sweep], path: str) -> str:
     rows = -(-len(sweeps) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, s in zip(axes.flat, sweeps):
-        for p in PARAMS:
+        for k, p in enumerate(PARAMS):
             f = s.table[p]
-            idx = np.array([np.nan if i is None else i for i in f["opt_index"]], float)
-            per_seed = np.array([[np.nanargmin(summary.loss_table(c["runs"])[1][:, k])
-                                  for k in range(min(f["seeds"]))] for c in s.cells[p]], float)
-            ax.plot(f["scales"], idx, marker="o", label=p)
-            ax.fill_between(f["scales"], per_seed.min(1), per_seed.max(1), alpha=0.15)
+            shift = 0.1 * (k - 1)  # equal optima stay visible side by side
+            idx = np.array([np.nan if i is None else i for i in f["opt_index"]], float) + shift
+            per_seed = np.array([[np.nanargmin(summary.loss_table(c["runs"])[1][:, j])
+                                  for j in range(min(f["seeds"]))] for c in s.cells[p]], float)
+            line, = ax.plot(f["scales"], idx, marker="o", label=p)
+            ax.fill_between(f["scales"], per_seed.min(1) + shift, per_seed.max(1) + shift,
+                            color=line.get_color(), alpha=0.15)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(f["scales"], [f"x{x}" for x in f["scales"]])
+        ax.minorticks_off()
         ax.set_title(s.name, fontsize=8)
         ax.set_ylabel("optimal LR (grid index)", fontsize=7)
     for ax in list(axes.flat)[len(sweeps):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     return plots._save(fig, path)
+
+
+def sweep_tables(sweeps: list[Sweep], results: str) -> str:
+    """Every sweep's full table (all parameterizations) and links to its figures."""
+    out = []
+    for s in sweeps:
+        folder = os.path.join(results, f"{s.regime}-{s.optimizer}-{s.constants}-{s.data}")
+        figs = sorted(glob.glob(os.path.join(folder, "figures", "*.png")))
+        out += [f"**{s.name}** ({s.hours:.1f} h; `{folder}`)", "",
+                summary.format_table({s.optimizer: s.table}).split("\n\n")[0], "",
+                " ".join(f"[{os.path.basename(f)[:-4]}]({os.path.relpath(f, DOCS)})" for f in figs),
+                ""]
+    return "\n".join(out)
 
 
 def report(results: str, figures: str | None) -> str:
@@ -208,20 +226,41 @@ def report(results: str, figures: str | None) -> str:
            "**(c) muP does not reliably transfer and improve**", "", mup_table(sweeps), "",
            "**(d) SP's optimal LR drifts**", "", transfer_table(sweeps, "sp", True), "",
            "Wall time per sweep (2 shared cores, nice 19): " + "; ".join(
-               f"{s.name} {s.hours:.1f} h" for s in sweeps)]
+               f"{s.name} {s.hours:.1f} h" for s in sweeps), "", "**Per sweep**", "",
+           sweep_tables(sweeps, results), summary.TABLE_NOTES]
     if figures and sweeps:
         os.makedirs(figures, exist_ok=True)
-        out += ["", f"Figure: {drift_figure(sweeps, os.path.join(figures, 'optimal_lr.png'))}"]
+        path = drift_figure(sweeps, os.path.join(figures, "optimal_lr.png"))
+        out += ["", f"![optimal LR (grid index) per width, band: seed range]"
+                    f"({os.path.relpath(path, DOCS)})"]
     return "\n".join(out)
+
+
+BEGIN, END = "<!-- claims: begin -->", "<!-- claims: end -->"
+
+
+def update(document: str, text: str) -> None:
+    """Replaces what lies between the BEGIN and END marks of `document` by `text`."""
+    with open(document) as f:
+        old = f.read()
+    if BEGIN not in old or END not in old:
+        raise ValueError(f"{document} has no {BEGIN} ... {END} block to replace")
+    head, rest = old.split(BEGIN, 1)
+    with open(document, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
 
 
 _RESULTS = flags.DEFINE_string("results", "experiments/results/x16", "folder of sweep folders")
 _FIGURES = flags.DEFINE_string("figures", None, "where to write the drift figure (optional)")
+_UPDATE = flags.DEFINE_string("update", None, "a Markdown file whose claims block to rewrite")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    print(report(_RESULTS.value, _FIGURES.value))
+    text = report(_RESULTS.value, _FIGURES.value)
+    if _UPDATE.value:
+        update(_UPDATE.value, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,14 @@ def test_an_mssp_optimum_that_moves_is_a_disagreement(results):
     table = claims.transfer_table(claims.load(str(results)), "mssp", drifts=False)
     assert table.splitlines()[-1].endswith("| 2 (seeds 2-2) | disagree |")
     assert np.isfinite(claims.load(str(results))[0].hours)
+
+
+def test_update_replaces_only_the_marked_block(tmp_path):
+    doc = tmp_path / "R.md"
+    doc.write_text(f"intro\n{claims.BEGIN}\nold\n{claims.END}\nappendix\n")
+    claims.update(str(doc), "new")
+    assert doc.read_text() == f"intro\n{claims.BEGIN}\nnew\n{claims.END}\nappendix\n"
+    doc.write_text("no marks")
+    with pytest.raises(ValueError, match="no .* block"):
+        claims.update(str(doc), "x")
+    assert doc.read_text() == "no marks"
