@@ -21,6 +21,8 @@ def sweep_fields(*, scales, parameterizations, optimizers, seeds, lr_grids):
     return ml_collections.ConfigDict(dict(
         scales=scales, parameterizations=parameterizations, optimizers=optimizers, seeds=seeds,
         lr_grids=lr_grids, early_steps=40,
+        grow="width",  # what the scales multiply: 'width' (in the regime) | 'depth' | 'both'
+        # parameterizations: preset names, or 'preset+depth rule' (e.g. 'mssp+completep')
         only_summarize=False,  # True: summarise/plot the finished cells, train nothing
         merge_workdirs=(),  # workdirs of the same plan with other seeds: their runs are merged
         # Multiplier sweep at the base shape: each knob ([kind, roles...]) in `use` is set to each

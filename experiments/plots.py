@@ -16,6 +16,22 @@ import numpy as np  # noqa: E402
 DPI = 100
 SMOOTH = 5  # steps averaged in the early-training curves (fresh batches of 16 are noisy)
 PARAM_STYLE = {"sp": "o-", "mup": "s-", "mssp": "D-", "mup_global_eps": "v--", "jiang": "^:"}
+DEPTH_LINE = {"none": "-", "depth_mup": "--", "completep": ":"}  # 'preset+depth rule' names
+
+
+def style(param: str) -> str:
+    """Marker and line of a swept parameterization: the preset's marker, the depth rule's line."""
+    preset, _, depth = param.partition("+")
+    base = PARAM_STYLE.get(preset, "x-")
+    return base[0] + DEPTH_LINE.get(depth, "-.") if depth else base
+
+
+def param_key(param: str) -> tuple[int, int]:
+    """Plot order: presets as in PARAM_STYLE, then depth rules as in DEPTH_LINE."""
+    preset, _, depth = param.partition("+")
+    presets, depths = list(PARAM_STYLE), list(DEPTH_LINE)
+    return (presets.index(preset) if preset in presets else 99,
+            depths.index(depth) + 1 if depth in depths else 0)
 
 
 def scale_colours(n: int) -> list:
@@ -41,7 +57,7 @@ def _save(fig, path: str) -> str:
 def loss_vs_lr(table: dict[str, Any], regime: str, path: str) -> str:
     """One panel per (optimizer, parameterization); one line per scale; stars at the optima."""
     opts = list(table)
-    params = sorted({p for o in opts for p in table[o]}, key=list(PARAM_STYLE).index)
+    params = sorted({p for o in opts for p in table[o]}, key=param_key)
     fig, axes = plt.subplots(len(opts), len(params), figsize=(3.0 * len(params), 2.6 * len(opts)),
                              squeeze=False, sharey="row")
     for r, opt in enumerate(opts):
@@ -81,14 +97,14 @@ def loss_vs_scale(table: dict[str, Any], regime: str, path: str) -> str:
     """Final loss vs scale at each family's base-optimal LR (and at its per-scale optimum)."""
     fig, axes = plt.subplots(1, len(table), figsize=(4.2 * len(table), 3.2), squeeze=False)
     for ax, (opt, fams) in zip(axes[0], table.items()):
-        for param, fam in sorted(fams.items(), key=lambda kv: list(PARAM_STYLE).index(kv[0])):
-            line, = ax.plot(fam["scales"], _nan(fam["loss_at_base_opt_lr"]), PARAM_STYLE[param],
+        for param, fam in sorted(fams.items(), key=lambda kv: param_key(kv[0])):
+            line, = ax.plot(fam["scales"], _nan(fam["loss_at_base_opt_lr"]), style(param),
                             label=f"{param} (base-opt LR)")
-            ax.plot(fam["scales"], _nan(fam["best_loss"]), PARAM_STYLE[param][0], mfc="none",
+            ax.plot(fam["scales"], _nan(fam["best_loss"]), style(param)[0], mfc="none",
                     color=line.get_color(), ls="none", label=f"{param} (per-scale opt)")
         ax.set_xscale("log", base=2)
         _log_xlim(ax, [s for fam in fams.values() for s in fam["scales"]])
-        ax.set_xlabel("scale (width ratio N/N0)")
+        ax.set_xlabel("scale (N/N0; L/L0 when depth grows)")
         ax.set_ylabel("final eval loss")
         ax.set_title(f"{opt}, regime {regime}")
         ax.legend(fontsize=6)
@@ -136,7 +152,7 @@ def sweep_figures(table: dict[str, Any], records: list[dict[str, Any]], workdir:
 
 
 def _param_order(results: dict[str, Any]) -> list[str]:
-    return sorted(results, key=lambda p: list(PARAM_STYLE).index(p) if p in PARAM_STYLE else 99)
+    return sorted(results, key=param_key)
 
 
 def _seed_spread(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

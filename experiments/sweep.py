@@ -28,6 +28,7 @@ import numpy as np
 from configs import common
 from experiments import plots, summary, tasks
 from mssp_jax import factory, vmap_train
+from mssp_jax.scaling import ConfigError
 
 Multipliers = dict[str, dict[str, float]]  # {'init' | 'lr': {role: factor}}
 
@@ -62,19 +63,36 @@ def plan(config: Any) -> list[Cell]:
              for opt in s.optimizers if s.multipliers.enabled]
     for param in s.parameterizations:
         for opt in s.optimizers:
-            if param == "jiang" and opt == "sgd":
+            if split_name(param)[0] == "jiang" and opt == "sgd":
                 continue  # the Jiang et al. rules are Adam-only
             cells += [Cell("lr", regime, opt, param, scale) for scale in s.scales]
     return cells
 
 
+GROW = ("width", "depth", "both")  # what a cell's scale multiplies (sweep.grow)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """A swept parameterization name: a preset, optionally with a depth rule after '+'
+    ('mssp+completep' -> ('mssp', 'completep'); 'mup' -> ('mup', ''))."""
+    preset, _, depth = name.partition("+")
+    return preset, depth
+
+
 def cell_config(config: Any, cell: Cell) -> Any:
-    """The model/training config of one cell (shape from the base shape, regime and scale)."""
+    """The model/training config of one cell: the base shape grown by the cell's scale in width
+    (inside the regime), in depth, or in both (`sweep.grow`), and its parameterization."""
     c = config.copy_and_resolve_references()
     b = c.base_shape
     base = (b.width, b.expert_width, b.num_experts, b.top_k)
-    c.shape = common.regime_shape(base, cell.regime, cell.scale, b.depth)
-    c.parameterization, c.optimizer.name = cell.parameterization, cell.optimizer
+    grow = c.get("sweep", {}).get("grow", "width")
+    width_scale = cell.scale if grow in ("width", "both") else 1
+    depth = b.depth * cell.scale if grow in ("depth", "both") else b.depth
+    c.shape = common.regime_shape(base, cell.regime, width_scale, depth)
+    c.parameterization, depth_scaling = split_name(cell.parameterization)
+    if depth_scaling:
+        c.depth_scaling = depth_scaling
+    c.optimizer.name = cell.optimizer
     return c
 
 
@@ -168,6 +186,8 @@ def _runs(result: vmap_train.SweepResult, early_steps: int) -> list[dict[str, An
 
 def validate(config: Any) -> None:
     """Every cell's config, before any cell trains (raises ConfigError)."""
+    if config.sweep.get("grow", "width") not in GROW:
+        raise ConfigError(f"sweep.grow must be one of {list(GROW)}, got {config.sweep.grow!r}")
     for cell in plan(config):
         factory.validate(cell_config(config, cell))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import (sweeps_coord_check, sweeps_coord_check_transformer, sweeps_mlp_moe,
-                     sweeps_transformer_moe)
+from configs import (sweeps_coord_check, sweeps_coord_check_transformer, sweeps_depth,
+                     sweeps_mlp_moe, sweeps_transformer_moe)
 from experiments import coord_check, summary, sweep, tasks
 from mssp_jax import coord, vmap_train
 from mssp_jax.scaling import ConfigError
@@ -206,3 +206,23 @@ def test_finished_merges_the_seeds_of_other_workdirs(tmp_path):
     assert fam["opt_lr"] == [0.1, 0.1]
     assert fam["best_loss"][0] == pytest.approx(1.6)  # mean of seed 0 (1.1) and seed 1 (2.1)
     assert fam["best_loss_std"][0] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("grow, width, depth", [("width", 64, 2), ("depth", 32, 8), ("both", 64, 4)])
+def test_a_cell_grows_width_depth_or_both_and_names_its_depth_rule(grow, width, depth):
+    c = sweeps_depth.get_config("grow=depth")
+    c.sweep.grow = grow
+    scale = 2 if grow != "depth" else 4
+    cell = sweep.Cell("lr", "III", "adam", "mssp+depth_mup", scale)
+    cc = sweep.cell_config(c, cell)
+    assert (cc.shape.width, cc.shape.depth) == (width, depth)
+    assert (cc.parameterization, cc.depth_scaling) == ("mssp", "depth_mup")
+    assert sweep.cell_config(c, dataclasses.replace(cell, parameterization="mup")).depth_scaling \
+        == c.depth_scaling  # a plain preset name keeps the config's depth rule
+
+
+def test_sweep_rejects_an_unknown_growth_axis():
+    c = sweeps_depth.get_config("grow=both")
+    c.sweep.grow = "height"
+    with pytest.raises(ConfigError, match=r"sweep.grow must be one of \['width', 'depth', 'both'\]"):
+        sweep.validate(c)
