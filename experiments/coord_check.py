@@ -25,6 +25,8 @@ from mssp_jax.scaling import ConfigError
 
 AGGREGATION = ("h_agg/base", "h_agg/propagating", "h_agg/effective", "h_agg/cross", "h_agg/total")
 ROUTER = ("router/logit_rms", "router/gate_entropy", "router/max_gate", "router/load_min")
+# The Transformer's residual stream: at the top, and every block's output (quadratic mean).
+RESIDUAL = ("residual/top", "residual/top_change", "Block/output", "Block/output_change")
 KINDS = ("activation", "effective_update", "propagating_update")
 DATA_ROLES = ("input", "embedding")  # their input is the data: no propagating update
 
@@ -104,9 +106,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             for param in config.coord.parameterizations}
 
 
+def _names(results: dict[str, Any]) -> set[str]:
+    """Every observable measured (those of the first parameterization's first step)."""
+    return set(next(iter(next(iter(results.values()))["steps"].values())))
+
+
 def _roles(results: dict[str, Any]) -> list[str]:
     """The roles whose kernel terms were measured (their layers record inputs), in table order."""
-    names = next(iter(next(iter(results.values()))["steps"].values()))
+    names = _names(results)
     return [r for r in presets.ROLES if f"{r}/activation" in names]
 
 
@@ -114,7 +121,8 @@ def table_rows(results: dict[str, Any]) -> tuple[str, ...]:
     """The rows RESULTS.md reports: the aggregation split, each role's updates, the router."""
     roles = _roles(results)
     kinds = {r: KINDS[:2] if r in DATA_ROLES else KINDS for r in roles}
-    return (*AGGREGATION, *(f"{r}/{k}" for r in roles for k in kinds[r]), *ROUTER)
+    residual = tuple(r for r in RESIDUAL if r in _names(results))
+    return (*AGGREGATION, *(f"{r}/{k}" for r in roles for k in kinds[r]), *ROUTER, *residual)
 
 
 def figure_groups(results: dict[str, Any]) -> dict[str, list[str]]:
@@ -124,6 +132,8 @@ def figure_groups(results: dict[str, Any]) -> dict[str, list[str]]:
     groups = {"table": list(rows),
               "vs_step": [*AGGREGATION[:4], *(f"{r}/effective_update" for r in roles)],
               "aggregation": list(AGGREGATION), "router": list(ROUTER)}
+    if "residual/top" in rows:
+        groups["residual"] = [r for r in RESIDUAL if r in rows]
     for kind in (*KINDS, "grad"):
         groups[kind] = [f"{r}/{kind}" for r in roles if f"{r}/{kind}" in rows or kind == "grad"]
     return groups

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 DPI = 100
 SMOOTH = 5  # steps averaged in the early-training curves (fresh batches of 16 are noisy)
 PARAM_STYLE = {"sp": "o-", "mup": "s-", "mssp": "D-", "mup_global_eps": "v--", "jiang": "^:"}
+SCALE_LABEL = "scale (N/N0; L/L0 when depth grows)"
 DEPTH_LINE = {"none": "-", "depth_mup": "--", "completep": ":"}  # 'preset+depth rule' names
 
 
@@ -104,7 +105,7 @@ def loss_vs_scale(table: dict[str, Any], regime: str, path: str) -> str:
                     color=line.get_color(), ls="none", label=f"{param} (per-scale opt)")
         ax.set_xscale("log", base=2)
         _log_xlim(ax, [s for fam in fams.values() for s in fam["scales"]])
-        ax.set_xlabel("scale (N/N0; L/L0 when depth grows)")
+        ax.set_xlabel(SCALE_LABEL)
         ax.set_ylabel("final eval loss")
         ax.set_title(f"{opt}, regime {regime}")
         ax.legend(fontsize=6)
@@ -203,7 +204,7 @@ def rcc(results: dict[str, Any], names: list[str], title: str, path: str) -> str
             ax.tick_params(labelsize=7)
         row[0].set_ylabel("rms")
     for ax in axes[-1]:
-        ax.set_xlabel("scale (N/N0)")
+        ax.set_xlabel(SCALE_LABEL)
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()

@@ -189,7 +189,14 @@ class TransformerMoE(nnx.Module):
             x, routing = block(x)
             if routing is not None:
                 routings.append(routing)
+        coord.record(self, residual=x)
         return self.lm_head(self.final_norm(x)), routings
+
+    def coord_observables(self, p0: dict, pt: dict, r0: dict, rt: dict) -> dict[str, jax.Array]:
+        """The residual stream at the top of the stack, and its change since initialisation:
+        what depth scaling must keep of order one as L grows."""
+        return {"residual/top": coord.rms(rt["residual"]),
+                "residual/top_change": coord.rms(rt["residual"] - r0["residual"])}
 
     def coord_apply(self, name: str, w: jax.Array, tokens: jax.Array) -> jax.Array:
         """The embedding table `w` looked up at `tokens`."""

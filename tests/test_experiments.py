@@ -147,7 +147,8 @@ def test_quick_transformer_coord_check_measures_every_block(tmp_path):
     assert coord_check.main(config, str(tmp_path)) == 0
     with open(tmp_path / "coord_check_transformer_II.json") as f:
         out = json.load(f)["results"]["mssp"]
-    for name in ("h_agg/propagating", "attn_out/propagating_update", "Block/output_change"):
+    for name in ("h_agg/propagating", "attn_out/propagating_update", "Block/output_change",
+                 "residual/top_change"):
         assert np.all(np.asarray(out["steps"]["0"][name]["per_seed"]) == 0), name
     step = out["steps"]["2"]
     for block in (0, 1):  # the MoE layer of each block: its split and router, per layer
@@ -159,6 +160,8 @@ def test_quick_transformer_coord_check_measures_every_block(tmp_path):
     layers = [step[f"blocks/{b}/ffn/h_agg/base"]["per_seed"][0][1] for b in (0, 1)]
     pooled = step["h_agg/base"]["per_seed"][0][1]  # scale x1, seed 1: quadratic mean of layers
     assert pooled == pytest.approx(np.sqrt(np.mean(np.square(layers))), rel=1e-6)
+    top, last_block = (np.asarray(step[k]["per_seed"]) for k in ("residual/top", "blocks/1/output"))
+    np.testing.assert_allclose(top, last_block, rtol=1e-6)  # the stream leaves the last block
     assert os.path.getsize(tmp_path / "figures" / "coord_rcc_transformer_II_aggregation.png") > 10_000
 
 
