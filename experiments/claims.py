@@ -37,7 +37,7 @@ class Sweep:
     data: str
     table: dict[str, Any]  # summary.summarize output for the optimizer
     cells: dict[str, list[dict[str, Any]]]  # parameterization -> LR cells sorted by scale
-    hours: float  # wall time on the 2-core machine (wall_hours)
+    hours: float | None  # wall time on the 2-core machine (wall_hours)
 
     @property
     def name(self) -> str:
@@ -95,13 +95,24 @@ def reversals(family: dict[str, Any]) -> int:
     return int((rise > 0).sum())
 
 
-def wall_hours(path: str, gap_s: float = 3600.0) -> float:
-    """The sweep's wall time from its cells' file times: the sum of the gaps between consecutive
-    finished cells, leaving out gaps over `gap_s` (the campaign was stopped between sessions) and
-    the first cell's own time (no start time is kept)."""
-    times = np.sort([os.path.getmtime(f) for f in glob.glob(os.path.join(path, "cells", "*.json"))])
+def wall_hours(path: str, gap_s: float = 3600.0, min_span_s: float = 60.0) -> float | None:
+    """The sweep's wall time on this machine: the sum of its cells' recorded `wall_s` when every
+    cell has one; otherwise from the cells' file times (the gaps between consecutive finished
+    cells, leaving out gaps over `gap_s`: the campaign was stopped between sessions); None when
+    neither is known (file times all equal: the results were checked out again)."""
+    files = glob.glob(os.path.join(path, "cells", "*.json"))
+    recorded = [json.load(open(f)).get("wall_s") for f in files]
+    if files and all(w is not None for w in recorded):
+        return float(sum(recorded) / 3600)
+    times = np.sort([os.path.getmtime(f) for f in files])
+    if len(times) < 2 or times[-1] - times[0] < min_span_s:
+        return None
     gaps = np.diff(times)
     return float(gaps[gaps < gap_s].sum() / 3600)
+
+
+def _hours(hours: float | None) -> str:
+    return "time not recorded" if hours is None else f"{hours:.1f} h"
 
 
 def _lrs(f: dict[str, Any]) -> str:
@@ -209,7 +220,7 @@ def sweep_tables(sweeps: list[Sweep], results: str) -> str:
     for s in sweeps:
         folder = os.path.join(results, f"{s.regime}-{s.optimizer}-{s.constants}-{s.data}")
         figs = sorted(glob.glob(os.path.join(folder, "figures", "*.png")))
-        out += [f"**{s.name}** ({s.hours:.1f} h; `{folder}`)", "",
+        out += [f"**{s.name}** ({_hours(s.hours)}; `{folder}`)", "",
                 summary.format_table({s.optimizer: s.table}).split("\n\n")[0], "",
                 " ".join(f"[{os.path.basename(f)[:-4]}]({os.path.relpath(f, DOCS)})" for f in figs),
                 ""]
@@ -226,7 +237,7 @@ def report(results: str, figures: str | None) -> str:
            "**(c) muP does not reliably transfer and improve**", "", mup_table(sweeps), "",
            "**(d) SP's optimal LR drifts**", "", transfer_table(sweeps, "sp", True), "",
            "Wall time per sweep (2 shared cores, nice 19): " + "; ".join(
-               f"{s.name} {s.hours:.1f} h" for s in sweeps), "", "**Per sweep**", "",
+               f"{s.name} {_hours(s.hours)}" for s in sweeps), "", "**Per sweep**", "",
            sweep_tables(sweeps, results), summary.TABLE_NOTES]
     if figures and sweeps:
         os.makedirs(figures, exist_ok=True)

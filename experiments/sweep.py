@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -139,6 +140,7 @@ def best_multipliers(workdir: str, config: Any, optimizer: str) -> tuple[dict, M
 
 def run_cell(config: Any, cell: Cell, data: dict, workdir: str) -> dict[str, Any]:
     """Trains one cell and returns its JSON record."""
+    start = time.monotonic()
     c = cell_config(config, cell)
     s, lrs = config.sweep, list(config.sweep.lr_grids[cell.optimizer])
     record = {"cell": dataclasses.asdict(cell), "shape": c.shape.to_dict(), "task": c.task,
@@ -152,11 +154,12 @@ def run_cell(config: Any, cell: Cell, data: dict, workdir: str) -> dict[str, Any
                              "runs": runs[i * len(lrs) * len(result.seeds):
                                           (i + 1) * len(lrs) * len(result.seeds)]}
                             for i, (knobs, mult) in enumerate(points)]
-        return record
+        return record | {"wall_s": time.monotonic() - start}
     knobs, mult = best_multipliers(workdir, config, cell.optimizer)
     c.tuned = as_tuned(mult)
     result = vmap_train.train_lrs(c, lrs, s.seeds, data, max_runs=s.get("max_runs_per_program", 0))
-    record.update(multiplier_knobs=knobs, tuned=as_tuned(mult), runs=_runs(result, s.early_steps))
+    record.update(multiplier_knobs=knobs, tuned=as_tuned(mult), runs=_runs(result, s.early_steps),
+                  wall_s=time.monotonic() - start)  # compile included: what a cell costs here
     return record
 
 

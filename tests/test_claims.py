@@ -1,6 +1,7 @@
 """experiments.claims: the verdicts follow from the numbers (synthetic cells with known optima)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,7 +69,20 @@ def test_an_mssp_optimum_that_moves_is_a_disagreement(results):
     path.write_text(json.dumps(cell("mssp", 4, [3, 3])))
     table = claims.transfer_table(claims.load(str(results)), "mssp", drifts=False)
     assert table.splitlines()[-1].endswith("| 2 (seeds 2-2) | disagree |")
-    assert np.isfinite(claims.load(str(results))[0].hours)
+
+
+def test_wall_hours_sum_the_recorded_cell_times_or_are_unknown(tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for i, wall in enumerate((1800.0, 5400.0)):
+        (cells / f"lr-{i}.json").write_text(json.dumps({"wall_s": wall}))
+    assert claims.wall_hours(str(tmp_path)) == 2.0
+    (cells / "lr-2.json").write_text(json.dumps({}))  # an older cell, file times all equal
+    for f in cells.iterdir():
+        os.utime(f, (1e9, 1e9))
+    assert claims.wall_hours(str(tmp_path)) is None
+    os.utime(cells / "lr-2.json", (1e9 + 600, 1e9 + 600))
+    assert claims.wall_hours(str(tmp_path)) == pytest.approx(600 / 3600)
 
 
 def test_update_replaces_only_the_marked_block(tmp_path):

@@ -95,6 +95,7 @@ def test_quick_sweep_stopped_by_sigterm_resumes_records_divergence_and_plots(tmp
     by_lr = {r["lr"]: r for r in record["runs"]}
     assert by_lr[1e30]["diverged"] and by_lr[1e30]["eval_loss"] is None
     assert not by_lr[1e-2]["diverged"] and np.isfinite(by_lr[1e-2]["eval_loss"])
+    assert record["wall_s"] > 0  # what the cell cost, for the campaign's wall-time figures
     with open(os.path.join(workdir, "summary_II.json")) as f:
         summary = json.load(f)
     fam = summary["adam"]["mssp"]
