@@ -40,6 +40,11 @@ class Sweep:
     hours: float | None  # wall time on the 2-core machine (wall_hours)
 
     @property
+    def complete(self) -> bool:
+        """Every parameterization has reached the same scales (a running sweep has not)."""
+        return len({tuple(f["scales"]) for f in self.table.values()}) == 1
+
+    @property
     def name(self) -> str:
         return f"{self.regime} {self.optimizer} {self.constants} {self.data}"
 
@@ -151,6 +156,8 @@ def transfer_table(sweeps: list[Sweep], param: str, drifts: bool) -> str:
         f = s.table[param]
         moved = f["drift_steps"] > TRANSFER_STEPS
         verdict = "agree" if moved == drifts else "disagree"
+        if not moved and all(f["opt_at_grid_edge"]):
+            verdict = "inconclusive: optimum on the grid edge at every scale"
         lines.append(_row(s, _spacing(f), _lrs(f), _drift(f, s.cells[param]), verdict))
     return "\n".join(lines)
 
@@ -229,9 +236,13 @@ def sweep_tables(sweeps: list[Sweep], results: str) -> str:
 
 def report(results: str, figures: str | None) -> str:
     """The four claim tables (Markdown) over every finished sweep under `results`."""
-    sweeps = load(results)
-    out = [f"Sweeps: {len(sweeps)} under {results}. Transfer = the seed-mean optimum moves at most "
-           f"{TRANSFER_STEPS} grid step; * = optimum on the grid edge.", "",
+    every = load(results)
+    sweeps = [s for s in every if s.complete]
+    running = [s.name for s in every if not s.complete]
+    out = [f"Sweeps: {len(sweeps)} under {results}"
+           + (f" (still running, not judged: {', '.join(running)})" if running else "") + "."
+           f" Transfer = the seed-mean optimum moves at most {TRANSFER_STEPS} grid step;"
+           " * = optimum on the grid edge.", "",
            "**(a) MSSP's optimal LR is stable**", "", transfer_table(sweeps, "mssp", False), "",
            "**(b) MSSP's loss improves monotonically with scale**", "", monotone_table(sweeps), "",
            "**(c) muP does not reliably transfer and improve**", "", mup_table(sweeps), "",

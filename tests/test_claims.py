@@ -94,3 +94,20 @@ def test_update_replaces_only_the_marked_block(tmp_path):
     with pytest.raises(ValueError, match="no .* block"):
         claims.update(str(doc), "x")
     assert doc.read_text() == "no marks"
+
+
+def test_a_running_sweep_is_named_but_not_judged(results):
+    cells = results / "II-adam-paper-mnist1d" / "cells"
+    (cells / "lr-II-adam-sp-x8.json").write_text(json.dumps(cell("sp", 8, [3, 3])))
+    assert not claims.load(str(results))[0].complete
+    text = claims.report(str(results), None)
+    assert "still running, not judged: II adam paper mnist1d" in text
+    assert "| II | adam |" not in text
+
+
+def test_an_optimum_on_the_grid_edge_at_every_scale_is_inconclusive(results):
+    cells = results / "II-adam-paper-mnist1d" / "cells"
+    for scale in (1, 4):  # SP at the top of the grid at both scales: no drift visible
+        (cells / f"lr-II-adam-sp-x{scale}.json").write_text(json.dumps(cell("sp", scale, [3, 3])))
+    table = claims.transfer_table(claims.load(str(results)), "sp", drifts=True)
+    assert last_row(table).endswith("| inconclusive: optimum on the grid edge at every scale |")
