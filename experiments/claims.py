@@ -175,11 +175,20 @@ def monotone_table(sweeps: list[Sweep]) -> str:
     return "\n".join(lines)
 
 
+def gap(f: dict[str, Any], g: dict[str, Any], i: int) -> str:
+    """muP's best loss minus MSSP's at scale index `i`, relative to MSSP's, with the two seed
+    stds combined in the same unit: whether muP falls behind as the model grows."""
+    diff = (f["best_loss"][i] - g["best_loss"][i]) / g["best_loss"][i]
+    noise = np.hypot(f["best_loss_std"][i], g["best_loss_std"][i]) / g["best_loss"][i]
+    return f"{100 * diff:+.1f}±{100 * noise:.1f}%"
+
+
 def mup_table(sweeps: list[Sweep]) -> str:
     """Claim (c): muP fails at least one of transfer, monotone gains, undelayed learning
-    (half-time ratio largest/base scale above MSSP's by 25%)."""
-    lines = [HEAD + "muP drift (seeds) | muP monotone | delay muP / MSSP | muP fails | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    (half-time ratio largest/base scale above MSSP's by 25%). The loss gap to MSSP at the base
+    and the largest scale is shown beside the verdict, not part of it."""
+    lines = [HEAD + "muP drift (seeds) | muP monotone | delay muP / MSSP | muP fails | verdict "
+             "| muP vs MSSP loss, base -> largest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         f, g = s.table["mup"], s.table["mssp"]
         d_mup, d_mssp = delay(s.cells["mup"], f), delay(s.cells["mssp"], g)
@@ -188,7 +197,7 @@ def mup_table(sweeps: list[Sweep]) -> str:
                                         ("delay", d_mup > 1.25 * d_mssp)) if bad]
         lines.append(_row(s, _drift(f, s.cells["mup"]), str(f["monotone_best"]),
                           f"{d_mup:.2f} / {d_mssp:.2f}", ", ".join(fails) or "none",
-                          "agree" if fails else "disagree"))
+                          "agree" if fails else "disagree", f"{gap(f, g, 0)} -> {gap(f, g, -1)}"))
     return "\n".join(lines)
 
 

@@ -38,6 +38,12 @@ def last_row(section: str) -> str:
     return [r for r in section.splitlines() if r.startswith("|")][-1]
 
 
+def column(section: str, name: str) -> str:
+    """The last row's entry under the header `name`."""
+    header = [c.strip() for c in next(r for r in section.splitlines() if r.startswith("|")).split("|")]
+    return last_row(section).split("|")[header.index(name)].strip()
+
+
 @pytest.fixture
 def results(tmp_path):
     """A regime-II Adam sweep: MSSP stays at index 1, muP moves by 2, SP by 3."""
@@ -57,7 +63,7 @@ def test_report_gives_each_claim_its_verdict(results):
     assert sweeps[0].table["mup"]["drift_steps"] == 2
     text = claims.report(str(results), None).split("**")  # heading, table, heading, table...
     assert [text[i][:3] for i in (1, 3, 5, 7)] == ["(a)", "(b)", "(c)", "(d)"]
-    verdict = lambda i: last_row(text[i]).split("|")[-2].strip()  # noqa: E731
+    verdict = lambda i: column(text[i], "verdict")  # noqa: E731
     assert verdict(2) == "agree"  # (a) MSSP drift 0
     assert verdict(4) == "agree"  # (b) MSSP 0.1 -> 0.025
     assert verdict(6) == "agree"  # (c) muP drifts by 2 grid steps
@@ -111,3 +117,10 @@ def test_an_optimum_on_the_grid_edge_at_every_scale_is_inconclusive(results):
         (cells / f"lr-II-adam-sp-x{scale}.json").write_text(json.dumps(cell("sp", scale, [3, 3])))
     table = claims.transfer_table(claims.load(str(results)), "sp", drifts=True)
     assert last_row(table).endswith("| inconclusive: optimum on the grid edge at every scale |")
+
+
+def test_the_mup_gap_is_relative_to_mssp_with_both_seed_stds():
+    f = dict(best_loss=[1.1, 2.2], best_loss_std=[0.03, 0.0])
+    g = dict(best_loss=[1.0, 2.0], best_loss_std=[0.04, 0.0])
+    assert claims.gap(f, g, 0) == "+10.0±5.0%"
+    assert claims.gap(f, g, -1) == "+10.0±0.0%"
