@@ -203,8 +203,7 @@ def rcc(results: dict[str, Any], names: list[str], title: str, path: str) -> str
             ax.set_title(f"{param}: {name}", fontsize=8)
             ax.tick_params(labelsize=7)
         row[0].set_ylabel("rms")
-    for ax in axes[-1]:
-        ax.set_xlabel(SCALE_LABEL)
+    fig.supxlabel(SCALE_LABEL)  # once: per-panel labels overlap in narrow panels
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()
