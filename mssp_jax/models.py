@@ -202,11 +202,14 @@ class Group(nnx.Module):
     (the unit `TransformerMoE` scans over: every group has the same structure)."""
 
     def __init__(self, block: Callable[..., Block], size: int, *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([block(i == size - 1, rngs=rngs) for i in range(size)])
+        # An nnx.Dict keyed '0', '1', ...: an nnx.List's int keys beside the str key that
+        # `nnx.capture` adds to every module cannot be sorted when `nnx.scan` flattens the group.
+        self.blocks = nnx.Dict({str(i): block(i == size - 1, rngs=rngs) for i in range(size)})
+        self.size = size
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing]:
-        for block in self.blocks:
-            x, routing = block(x)
+        for i in range(self.size):
+            x, routing = self.blocks[str(i)](x)
         return x, routing
 
 

@@ -41,7 +41,7 @@ def as_unrolled(path: tuple, group: int, moe_every: int) -> tuple:
     """The unrolled path of group `group`'s slice of the scanned parameter at `path`."""
     if path[0] != "groups":
         return path
-    return ("blocks", group * moe_every + path[2], *path[3:])
+    return ("blocks", group * moe_every + int(path[2]), *path[3:])
 
 
 def stacked_from(unrolled: dict, scanned: dict, moe_every: int) -> dict:
@@ -106,21 +106,21 @@ def test_labels_describe_optimizer_and_sharding_treat_stacked_layers_as_a_batch_
                  for k, m in models.items()}
     stacked_paths = 0
     for path, row in rows["scanned"].items():
-        path = tuple(int(p) if p.isdigit() else p for p in path)
         stacked = path[0] == "groups"
         stacked_paths += stacked
         for g in range(2 if stacked else 1):
             want = rows["unrolled"][tuple(map(str, as_unrolled(path, g, moe_every)))]
+            params_path = tuple(int(p) if p.isdigit() and not stacked else p for p in path)
             assert row["axes"] == (["layers"] if stacked else []) + want["axes"], path
             assert row["shape"] == ([2] if stacked else []) + want["shape"], path
             for field in ("role", "fan_in", "init", "init_std", "multiplier", "lr_scale",
                           "eps_scale"):
                 assert row[field] == want[field], (path, field)
             for name, values in per_model["scanned"].items():
-                theirs = per_model["unrolled"][name][as_unrolled(path, g, moe_every)]
+                theirs = per_model["unrolled"][name][as_unrolled(params_path, g, moe_every)]
                 if name == "spec":
                     theirs = jax.sharding.PartitionSpec(*((None,) if stacked else ()), *theirs)
-                assert values[path] == theirs, (path, name)
+                assert values[params_path] == theirs, (path, name)
     assert stacked_paths > 10
 
 
