@@ -148,9 +148,8 @@ def test_scanned_transformer_gives_the_unrolled_observables_per_layer():
     """`TransformerMoE(scan_layers=True)` (MoE every 2nd block): block j of group g reports what
     unrolled block 2g + j reports, and the per-role pools and the residual stream agree."""
     scaling = make_scaling("mssp", Shape(8, 8, 4, 2, 4), Shape(16, 8, 4, 2, 4), regime="III")
-    build = lambda scan: TransformerMoE(32, scaling, head_dim=8, moe_every=2, scan_layers=scan,  # noqa: E731
-                                        rngs=nnx.Rngs(0))
-    scanned, unrolled = build(True), build(False)
+    scanned, unrolled = (TransformerMoE(32, scaling, head_dim=8, moe_every=2, scan_layers=scan,
+                                        rngs=nnx.Rngs(0)) for scan in (True, False))
     stacked = nnx.to_flat_state(nnx.state(scanned, nnx.Param))
     blocks = dict(nnx.to_flat_state(nnx.state(unrolled, nnx.Param)))
     nnx.update(scanned, nnx.from_flat_state({
