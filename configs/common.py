@@ -73,6 +73,9 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.load_balance = "switch"  # 'switch' | 'selected_gates' (reference; mssp_jax/moe.py)
     c.aux_loss_layers = "mean"  # 'mean' | 'sum' (reference) over the MoE layers
     c.exact_gelu = False  # True: erf GELU (reference); False: tanh approximation
+    # Matmul inputs of the hidden layers: 'float32' | 'bfloat16' (TPU/GPU); parameters, optimizer
+    # state, router, norms, softmax, logits and loss stay float32 (mssp_jax/models.py)
+    c.compute_dtype = "float32"
     c.optimizer = ml_collections.ConfigDict(dict(
         name=optimizer, learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
         weight_decay=0.0, grad_clip=0.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.1,

@@ -27,6 +27,10 @@ def get_config(arg: str | None = None):
     c.qk_norm_gain = True  # False: QK-norm without a learnable gain (reference)
     c.moe_every = 1
     c.ffn_width = 0  # dense FFN width in non-MoE blocks (0 = 4 N)
+    # True: blocks stacked in groups of moe_every and applied by nnx.scan (compile time and memory
+    # independent of depth; needs depth divisible by moe_every); same function as unrolled
+    c.scan_layers = False
+    c.remat = "none"  # 'none' | 'full' | 'dots_saveable': recompute activations in the backward pass
     c.aux_loss_weight = 0.01
     c.optimizer.b2 = 0.95
     c.optimizer.weight_decay = 0.1

@@ -44,6 +44,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mssp_jax.params import axes_of
+
 Batch = Any
 Observables = dict[str, jax.Array]
 # Router statistics pooled over MoE layers by their mean (rms-like values by their quadratic mean).
@@ -112,8 +114,7 @@ def _at(tree: dict, path: tuple) -> dict:
 def _stacked_axes(var: nnx.Variable) -> int:
     """Leading layer axes added by `nnx.vmap`/`nnx.scan`: the dims beyond those the Param's axes
     metadata names other than ``layers`` (stacking may or may not have added a ``layers`` name)."""
-    meta = var.get_metadata()
-    axes = meta.get("size_axes") or meta.get("out_sharding")
+    axes = axes_of(var)
     if axes is None:
         return 0
     return max(var.get_value().ndim - sum(a != "layers" for a in axes), 0)

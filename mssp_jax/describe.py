@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from mssp_jax.params import fan_in, param_state
+from mssp_jax.params import axes_of, fan_in, param_state
 from mssp_jax.scaling import Scaling
 
 
@@ -27,7 +27,7 @@ def describe(model: Any, scaling: Scaling, base_lr: float | None = None,
         meta = var.get_metadata()
         # Models labelled by `mssp_jax.labelling.label` carry their size axes and fan-in.
         role, shape = meta.get("role"), tuple(var.shape)
-        axes = meta.get("size_axes") or meta.get("out_sharding")
+        axes = axes_of(var)
         init = scaling.std_rule(role)
         fan = meta.get("fan_in") or fan_in(shape, axes or (None,) * len(shape))
         rows.append({

@@ -5,7 +5,7 @@ Config layout (see configs/*.py): ``model`` ('mlp_moe' | 'transformer_moe'), ``s
 or a table), ``constants`` ('ratio' | 'paper', with ``paper_tuned``), ``regime``,
 ``depth_scaling``, ``optimizer`` (name, learning_rate, ...), and the model fields
 (input_dim/num_classes or vocab_size/head_dim/moe_every/ffn_width, renormalize_gates, dispatch,
-capacity_factor, load_balance, exact_gelu, qk_norm_gain).
+capacity_factor, load_balance, exact_gelu, qk_norm_gain, compute_dtype, scan_layers, remat).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import optax
 from flax import nnx
 
 from mssp_jax import dispatch as dispatch_lib
-from mssp_jax import losses, moe, optim, paper, presets
-from mssp_jax.models import MLPMoE, TransformerMoE
+from mssp_jax import losses, models, moe, optim, paper, presets
 from mssp_jax.scaling import ConfigError, Scaling, Shape, make_scaling
 
 MODELS = ("mlp_moe", "transformer_moe")
@@ -85,7 +84,8 @@ def check_choices(config: Any) -> None:
     choices = {"model": MODELS, "optimizer.name": presets.OPTIMIZERS,
                "dispatch": dispatch_lib.names(), "load_balance": list(moe.LOAD_BALANCE),
                "loss": losses.LOSSES, "mse_reduction": losses.MSE_REDUCTIONS,
-               "aux_loss_layers": losses.AUX_LOSS_LAYERS}
+               "aux_loss_layers": losses.AUX_LOSS_LAYERS, "compute_dtype": models.COMPUTE_DTYPES,
+               "scan_layers": (False, True), "remat": list(models.REMAT_POLICIES)}
     for field, allowed in choices.items():
         block, _, name = field.rpartition(".")
         holder = config[block] if block else config
@@ -110,12 +110,14 @@ def build_model(config: Any, rngs: nnx.Rngs, scaling: Scaling | None = None) -> 
     common = dict(rngs=rngs, renormalize=config.get("renormalize_gates", False),
                   dispatch=dispatch_lib.from_config(config),
                   load_balance=config.get("load_balance", "switch"),
-                  exact_gelu=config.get("exact_gelu", False))
+                  exact_gelu=config.get("exact_gelu", False),
+                  dtype=config.get("compute_dtype", "float32"))
     if config.model == "mlp_moe":
-        return MLPMoE(config.input_dim, config.num_classes, scaling, **common)
-    return TransformerMoE(config.vocab_size, scaling, head_dim=config.head_dim,
-                          moe_every=config.get("moe_every", 1), ffn_width=config.get("ffn_width", 0),
-                          qk_norm_gain=config.get("qk_norm_gain", True), **common)
+        return models.MLPMoE(config.input_dim, config.num_classes, scaling, **common)
+    return models.TransformerMoE(
+        config.vocab_size, scaling, head_dim=config.head_dim, moe_every=config.get("moe_every", 1),
+        ffn_width=config.get("ffn_width", 0), qk_norm_gain=config.get("qk_norm_gain", True),
+        scan_layers=config.get("scan_layers", False), remat=config.get("remat", "none"), **common)
 
 
 def build_schedule(config: Any) -> optax.Schedule:

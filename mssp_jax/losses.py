@@ -9,6 +9,7 @@ its classification accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -19,17 +20,26 @@ if TYPE_CHECKING:  # moe.py uses router_metrics (coordinate checks)
     from mssp_jax.moe import Routing
 
 
-def router_metrics(routings: list[Routing]) -> dict[str, jax.Array]:
+def stack_layers(routings: Routing | Sequence[Routing]) -> Routing:
+    """The MoE layers' routings as one Routing whose fields have a leading layer axis: from a
+    list with one Routing per layer (unrolled blocks), from one already stacked over the layers
+    (scanned blocks, `load` [layers, M]), or from a list mixing both."""
+    parts = [routings] if hasattr(routings, "_fields") else list(routings)  # one NamedTuple
+    lifted = [r if r.load.ndim == 2 else jax.tree.map(lambda a: a[None], r) for r in parts]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *lifted)
+
+
+def router_metrics(routings: Routing | Sequence[Routing]) -> dict[str, jax.Array]:
     """Mean over MoE layers: Switch loss, per-expert load (max / min), gate entropy."""
-    load = jnp.stack([r.load for r in routings])  # [layers, M]
-    probs = jnp.stack([jnp.mean(jax.nn.softmax(r.logits, -1), 0) for r in routings])
+    r = stack_layers(routings)
+    probs = jnp.mean(jax.nn.softmax(r.logits, -1), -2)  # [layers, M]
     return {
-        "aux_loss": jnp.mean(jnp.stack([r.aux_loss for r in routings])),
-        "aux_loss_sum": jnp.sum(jnp.stack([r.aux_loss for r in routings])),
-        "load_max": jnp.mean(jnp.max(load, -1)),
-        "load_min": jnp.mean(jnp.min(load, -1)),
+        "aux_loss": jnp.mean(r.aux_loss),
+        "aux_loss_sum": jnp.sum(r.aux_loss),
+        "load_max": jnp.mean(jnp.max(r.load, -1)),
+        "load_min": jnp.mean(jnp.min(r.load, -1)),
         "router_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-12), -1)),
-        "max_gate": jnp.mean(jnp.stack([jnp.max(r.weights) for r in routings])),
+        "max_gate": jnp.mean(jnp.max(r.weights, (-2, -1))),
     }
 
 

@@ -3,10 +3,22 @@
 * `MLPMoE`: h = phi(W_in x); h_agg = MoE(h); f = W_out^T h_agg   (phi = GELU, no biases).
 * `TransformerMoE`: decoder-only, pre-RMSNorm, QK-norm, RoPE, causal attention, an MoE FFN every
   `moe_every`-th block (dense FFN in the others), untied lm_head.
-Both return ``(output, routings)`` where `routings` is a list with one `moe.Routing` per MoE layer.
+Both return ``(output, routings)``: a list with one `moe.Routing` per MoE layer or, from a scanned
+Transformer, one Routing stacked over its layers (`losses.stack_layers` reads either).
+
+Mixed precision (``compute_dtype``): parameters (and so the optimizer state) stay float32, the master
+copies; the matmuls of the hidden layers take their inputs and weights in the compute dtype. Kept
+in float32: the router (its logits decide the top-K by small differences, and feed a sigmoid and
+the load-balancing softmax), the norms (a mean of squares and a division), the attention softmax,
+RoPE (angles up to seq_len radians lose their phase in 8 mantissa bits), the output logits and the
+loss (exp / normalisation over the vocabulary). The residual stream is float32: each block's
+bfloat16 output is added to it in float32.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +28,13 @@ from jax.sharding import PartitionSpec
 
 from mssp_jax import coord
 from mssp_jax.dispatch import Dispatch
+from mssp_jax.labelling import NNX_STACKED_LAYERS
 from mssp_jax.moe import MoE, Routing, gelu
 from mssp_jax.params import labelled_param
 from mssp_jax.scaling import ConfigError, Scaling
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, N] between blocks: split like the batch only
 
 
@@ -36,13 +50,22 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...] = ACTIVATION_AXES) -> j
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spmd.from_sharding_rules(axes, rules)))
 
 
+def compute_dtype(name: str) -> jnp.dtype:
+    """The dtype named by the ``compute_dtype`` field (one of `COMPUTE_DTYPES`)."""
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {name!r}")
+    return jnp.dtype(name)
+
+
 class Linear(nnx.Module):
-    """y = x @ (mult * W), with W labelled by `role`."""
+    """y = x @ (mult * W), with W labelled by `role`; the product taken in `dtype` (W stays
+    float32)."""
 
     def __init__(self, fan_in: int, fan_out: int, role: str, axes: tuple[str, str],
-                 scaling: Scaling, *, rngs: nnx.Rngs):
+                 scaling: Scaling, *, rngs: nnx.Rngs, dtype: str = "float32"):
         self.kernel = labelled_param(rngs, scaling, role, (fan_in, fan_out), axes)
         self.mult = scaling.multiplier(role)
+        self.dtype = compute_dtype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         coord.record(self, kernel=x)
@@ -50,11 +73,12 @@ class Linear(nnx.Module):
 
     def coord_apply(self, name: str, w: jax.Array, x: jax.Array) -> jax.Array:
         """The kernel `w` applied to `x` (the forward pass; `mssp_jax.coord` replays it)."""
-        return x @ (self.mult * w)
+        return x.astype(self.dtype) @ (self.mult * w).astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm with a learned gain (role `norm`), or without one (`gain=False`)."""
+    """RMSNorm with a learned gain (role `norm`), or without one (`gain=False`); float32 whatever
+    the input's dtype."""
 
     def __init__(self, dim: int, scaling: Scaling, axis_name: str, *, rngs: nnx.Rngs,
                  eps: float = 1e-6, gain: bool = True):
@@ -62,6 +86,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
         normed = x / jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         if self.scale is None:
             return normed
@@ -78,11 +103,13 @@ class MLPMoE(nnx.Module):
 
     def __init__(self, input_dim: int, output_dim: int, scaling: Scaling, *, rngs: nnx.Rngs,
                  renormalize: bool = False, dispatch: str | Dispatch = "auto",
-                 load_balance: str = "switch", exact_gelu: bool = False):
+                 load_balance: str = "switch", exact_gelu: bool = False, dtype: str = "float32"):
         s = scaling.shape
-        self.w_in = Linear(input_dim, s.N, "input", ("input", "embed"), scaling, rngs=rngs)
+        self.w_in = Linear(input_dim, s.N, "input", ("input", "embed"), scaling, rngs=rngs,
+                           dtype=dtype)
         self.moe = MoE(s.N, s.Ne, s.M, s.K, scaling, rngs=rngs, renormalize=renormalize,
-                       dispatch=dispatch, load_balance=load_balance, exact_gelu=exact_gelu)
+                       dispatch=dispatch, load_balance=load_balance, exact_gelu=exact_gelu,
+                       dtype=dtype)
         self.w_out = Linear(s.N, output_dim, "readout", ("embed", "classes"), scaling, rngs=rngs)
         self.exact_gelu = exact_gelu
 
@@ -103,26 +130,31 @@ def rope(x: jax.Array, base: float = 10000.0) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Causal multi-head attention with QK-RMSNorm and RoPE; head_dim fixed across widths."""
+    """Causal multi-head attention with QK-RMSNorm and RoPE; head_dim fixed across widths. The
+    score and value matmuls take `dtype` inputs; the softmax is float32
+    (`jax.nn.dot_product_attention` upcasts the scores)."""
 
     def __init__(self, width: int, head_dim: int, scaling: Scaling, *, rngs: nnx.Rngs,
-                 qk_norm_gain: bool = True):
+                 qk_norm_gain: bool = True, dtype: str = "float32"):
         if head_dim <= 0 or width % head_dim:
             raise ConfigError(f"width (N={width}) must be divisible by head_dim ({head_dim}); "
                               f"allowed head_dim: divisors of {width}")
         self.num_heads, self.head_dim = width // head_dim, head_dim
         self.q, self.k, self.v = (Linear(width, width, "attn_qkv", ("embed", "heads"), scaling,
-                                         rngs=rngs) for _ in range(3))
+                                         rngs=rngs, dtype=dtype) for _ in range(3))
         self.q_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs, gain=qk_norm_gain)
         self.k_norm = RMSNorm(head_dim, scaling, "head_dim", rngs=rngs, gain=qk_norm_gain)
-        self.out = Linear(width, width, "attn_out", ("heads", "embed"), scaling, rngs=rngs)
+        self.out = Linear(width, width, "attn_out", ("heads", "embed"), scaling, rngs=rngs,
+                          dtype=dtype)
+        self.dtype = compute_dtype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
-        q = rope(self.q_norm(split(self.q(x))))
-        k = rope(self.k_norm(split(self.k(x))))
-        y = jax.nn.dot_product_attention(q, k, split(self.v(x)), is_causal=True)
+        q = rope(self.q_norm(split(self.q(x)))).astype(self.dtype)
+        k = rope(self.k_norm(split(self.k(x)))).astype(self.dtype)
+        v = split(self.v(x)).astype(self.dtype)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.reshape(b, t, -1))
 
 
@@ -130,9 +162,11 @@ class DenseFFN(nnx.Module):
     """The dense FFN used in blocks without MoE: W_down phi(W_up x)."""
 
     def __init__(self, width: int, hidden: int, scaling: Scaling, *, rngs: nnx.Rngs,
-                 exact_gelu: bool = False):
-        self.up = Linear(width, hidden, "mlp_up", ("embed", "mlp"), scaling, rngs=rngs)
-        self.down = Linear(hidden, width, "mlp_down", ("mlp", "embed"), scaling, rngs=rngs)
+                 exact_gelu: bool = False, dtype: str = "float32"):
+        self.up = Linear(width, hidden, "mlp_up", ("embed", "mlp"), scaling, rngs=rngs,
+                         dtype=dtype)
+        self.down = Linear(hidden, width, "mlp_down", ("mlp", "embed"), scaling, rngs=rngs,
+                           dtype=dtype)
         self.exact_gelu = exact_gelu
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
@@ -144,15 +178,18 @@ class Block(nnx.Module):
 
     def __init__(self, scaling: Scaling, head_dim: int, use_moe: bool, ffn_width: int, *,
                  rngs: nnx.Rngs, renormalize: bool = False, dispatch: str | Dispatch = "auto",
-                 load_balance: str = "switch", exact_gelu: bool = False, qk_norm_gain: bool = True):
+                 load_balance: str = "switch", exact_gelu: bool = False, qk_norm_gain: bool = True,
+                 dtype: str = "float32"):
         s = scaling.shape
         self.attn_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
-        self.attn = Attention(s.N, head_dim, scaling, rngs=rngs, qk_norm_gain=qk_norm_gain)
+        self.attn = Attention(s.N, head_dim, scaling, rngs=rngs, qk_norm_gain=qk_norm_gain,
+                              dtype=dtype)
         self.ffn_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
         self.ffn = (MoE(s.N, s.Ne, s.M, s.K, scaling, rngs=rngs, renormalize=renormalize,
-                        dispatch=dispatch, load_balance=load_balance, exact_gelu=exact_gelu)
+                        dispatch=dispatch, load_balance=load_balance, exact_gelu=exact_gelu,
+                        dtype=dtype)
                     if use_moe else DenseFFN(s.N, ffn_width, scaling, rngs=rngs,
-                                             exact_gelu=exact_gelu))
+                                             exact_gelu=exact_gelu, dtype=dtype))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing | None]:
         x = x + self.attn(self.attn_norm(x))
@@ -160,35 +197,98 @@ class Block(nnx.Module):
         return constrain(x + y), routing
 
 
+class Group(nnx.Module):
+    """The blocks from one MoE block to the next: ``size - 1`` dense blocks, then an MoE block
+    (the unit `TransformerMoE` scans over: every group has the same structure)."""
+
+    def __init__(self, block: Callable[..., Block], size: int, *, rngs: nnx.Rngs):
+        # An nnx.Dict keyed '0', '1', ...: an nnx.List's int keys beside the str key that
+        # `nnx.capture` adds to every module cannot be sorted when `nnx.scan` flattens the group.
+        self.blocks = nnx.Dict({str(i): block(i == size - 1, rngs=rngs) for i in range(size)})
+        self.size = size
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing]:
+        for i in range(self.size):
+            x, routing = self.blocks[str(i)](x)
+        return x, routing
+
+
+# Activation rematerialisation of each group of blocks in the backward pass (`jax.checkpoint`
+# policies): 'full' keeps only each group's input, 'dots_saveable' also the matmul outputs.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
 class TransformerMoE(nnx.Module):
-    """Decoder-only Transformer-MoE with `scaling.shape.L` blocks and an untied lm_head."""
+    """Decoder-only Transformer-MoE with `scaling.shape.L` blocks and an untied lm_head.
+
+    ``scan_layers``: the blocks are built as L / moe_every identical `Group`s stacked on a leading
+    ``layers`` axis (`nnx.vmap`) and applied by `nnx.scan`, so tracing and compiling cost one group
+    whatever the depth; the stacked axis is a batch axis (never fan-in) and replicated on meshes.
+    Unrolled (the default), they are a list of blocks (``blocks/<i>``). Both compute the same
+    function. ``remat`` (`REMAT_POLICIES`) recomputes each group's (or block's) activations in the
+    backward pass instead of keeping them.
+    """
 
     def __init__(self, vocab_size: int, scaling: Scaling, *, rngs: nnx.Rngs, head_dim: int = 64,
                  moe_every: int = 1, ffn_width: int = 0, renormalize: bool = False,
                  dispatch: str | Dispatch = "auto", load_balance: str = "switch",
-                 exact_gelu: bool = False, qk_norm_gain: bool = True):
+                 exact_gelu: bool = False, qk_norm_gain: bool = True, dtype: str = "float32",
+                 scan_layers: bool = False, remat: str = "none"):
         s = scaling.shape
         if moe_every < 1:
             raise ConfigError(f"moe_every must be >= 1 (1 = MoE in every block), got {moe_every}")
+        if remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+        if scan_layers and s.L % moe_every:
+            raise ConfigError(f"scan_layers needs shape.depth ({s.L}) divisible by moe_every "
+                              f"({moe_every}): it scans over identical groups of moe_every blocks")
         self.embed = labelled_param(rngs, scaling, "embedding", (vocab_size, s.N), ("vocab", "embed"))
         self.embed_mult = scaling.multiplier("embedding")
-        self.blocks = nnx.List([
-            Block(scaling, head_dim, (i + 1) % moe_every == 0, ffn_width or 4 * s.N, rngs=rngs,
-                  renormalize=renormalize, dispatch=dispatch, load_balance=load_balance,
-                  exact_gelu=exact_gelu, qk_norm_gain=qk_norm_gain)
-            for i in range(s.L)
-        ])
+        block = functools.partial(Block, scaling, head_dim, ffn_width=ffn_width or 4 * s.N,
+                                  renormalize=renormalize, dispatch=dispatch,
+                                  load_balance=load_balance, exact_gelu=exact_gelu,
+                                  qk_norm_gain=qk_norm_gain, dtype=dtype)
+        self.scan_layers, self.remat = scan_layers, remat
+        if scan_layers:
+            @nnx.split_rngs(splits=s.L // moe_every)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=NNX_STACKED_LAYERS)
+            def groups(rngs: nnx.Rngs) -> Group:
+                return Group(block, moe_every, rngs=rngs)
+
+            self.groups = groups(rngs)
+        else:
+            self.blocks = nnx.List([block((i + 1) % moe_every == 0, rngs=rngs)
+                                    for i in range(s.L)])
         self.final_norm = RMSNorm(s.N, scaling, "embed", rngs=rngs)
         self.lm_head = Linear(s.N, vocab_size, "readout", ("embed", "vocab"), scaling, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[Routing]]:
+    def _apply(self) -> Callable[[nnx.Module, jax.Array], tuple[jax.Array, Routing | None]]:
+        """A block's or group's forward pass, rematerialised as `remat` says."""
+        def apply(module: nnx.Module, x: jax.Array) -> tuple[jax.Array, Routing | None]:
+            return module(x)
+
+        if self.remat == "none":
+            return apply
+        return nnx.remat(apply, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[Routing] | Routing]:
         coord.record(self, embed=tokens)
         x = constrain(self.coord_apply("embed", self.embed[...], tokens))
-        routings = []
-        for block in self.blocks:
-            x, routing = block(x)
-            if routing is not None:
-                routings.append(routing)
+        apply = self._apply()
+        if self.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata=NNX_STACKED_LAYERS)
+            def stack(x: jax.Array, group: Group) -> tuple[jax.Array, Routing]:
+                return apply(group, x)
+
+            x, routings = stack(x, self.groups)  # one Routing, stacked over the groups
+        else:
+            routings = []
+            for block in self.blocks:
+                x, routing = apply(block, x)
+                if routing is not None:
+                    routings.append(routing)
         coord.record(self, residual=x)
         return self.lm_head(self.final_norm(x)), routings
 

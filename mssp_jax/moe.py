@@ -92,12 +92,13 @@ def route(logits: jax.Array, k: int, gate_scale: float, renormalize: bool = Fals
 
 class MoE(nnx.Module):
     """Router + M experts (phi = GELU, tanh-approximate unless `exact_gelu`); returns
-    (h_agg, Routing)."""
+    (h_agg, Routing). The expert matmuls take `dtype` inputs; the router is float32 (its logits
+    pick the top-K by small differences and feed the sigmoid gates and the balancing softmax)."""
 
     def __init__(self, width: int, expert_width: int, num_experts: int, top_k: int,
                  scaling: Scaling, *, rngs: nnx.Rngs, renormalize: bool = False,
                  dispatch: str | Callable = "auto", load_balance: str = "switch",
-                 exact_gelu: bool = False):
+                 exact_gelu: bool = False, dtype: str = "float32"):
         if load_balance not in LOAD_BALANCE:
             raise ConfigError(f"load_balance must be one of {list(LOAD_BALANCE)}, "
                               f"got {load_balance!r}")
@@ -117,15 +118,17 @@ class MoE(nnx.Module):
         self.up_mult = scaling.multiplier("expert_up")
         self.down_mult = scaling.multiplier("expert_down")
         self.dispatch = dispatch_lib.get(dispatch) if isinstance(dispatch, str) else dispatch
+        self.dtype = jnp.dtype(dtype)
 
     def __call__(self, h: jax.Array) -> tuple[jax.Array, Routing]:
         lead = h.shape[:-1]
         x = h.reshape(-1, h.shape[-1])
         logits = self.coord_apply("router", self.router[...], x)
         routing = route(logits, self.top_k, self.gate_scale, self.renormalize, self.load_balance)
-        w_up = self.up_mult * self.w_up[...]
-        w_down = self.down_mult * self.w_down[...]
-        y = self.dispatch(x, w_up, w_down, routing.idx, routing.weights, gelu(self.exact_gelu))
+        w_up = (self.up_mult * self.w_up[...]).astype(self.dtype)
+        w_down = (self.down_mult * self.w_down[...]).astype(self.dtype)
+        y = self.dispatch(x.astype(self.dtype), w_up, w_down, routing.idx, routing.weights,
+                          gelu(self.exact_gelu))
         coord.record(self, router=x, w_up=x, routing=routing, output=y,
                      w_down=lambda: self.coord_every_expert(x))  # evaluated only when recording
         return y.reshape(*lead, -1), routing
@@ -138,10 +141,10 @@ class MoE(nnx.Module):
         """Parameter `name` applied to its input: router logits [T, M], every expert's
         pre-activation [T, M, N_e], every expert's output before its gate [T, M, N]."""
         if name == "router":
-            return x @ (self.router_mult * w)
-        if name == "w_up":
-            return jnp.einsum("tn,mne->tme", x, self.up_mult * w)
-        return jnp.einsum("tme,men->tmn", x, self.down_mult * w)
+            return x.astype(jnp.float32) @ (self.router_mult * w)
+        x, scaled = x.astype(self.dtype), ((self.up_mult if name == "w_up" else self.down_mult)
+                                            * w).astype(self.dtype)
+        return jnp.einsum("tn,mne->tme" if name == "w_up" else "tme,men->tmn", x, scaled)
 
     def coord_observables(self, p0: dict, pt: dict, r0: dict, rt: dict) -> dict[str, jax.Array]:
         """The router's statistics now, and the aggregation h_agg = sum_m g_m W2_m e_m split into

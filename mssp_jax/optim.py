@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import optax
 
-from mssp_jax.params import param_state, role_labels
+from mssp_jax.params import is_variable, param_state, role_labels, weight_rank
 from mssp_jax.scaling import Scaling
 
 
@@ -62,14 +62,22 @@ def scale_by_role_adam(scaling: Scaling, params: Any, b1: float = 0.9, b2: float
 
 
 def decay_mask(params: Any) -> Any:
-    """Decay matrices (ndim >= 2), not norm gains or biases (common practice: decaying a gain
-    pulls it towards 0, not towards its init of 1)."""
-    return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+    """Decay matrices, not norm gains or biases (common practice: decaying a gain pulls it
+    towards 0, not towards its init of 1). A matrix has >= 2 dims besides its batch axes, read
+    from the labels of Params (a gain stacked over scanned layers stays a gain), from the rank of
+    plain arrays."""
+    return jax.tree.map(lambda p: weight_rank(p) >= 2, params, is_leaf=is_variable)
 
 
-def _decay(weight_decay: float, decay_all: bool) -> optax.GradientTransformation:
-    """Decoupled decay of the matrices, or of every parameter (`decay_all`, as the reference)."""
-    return optax.add_decayed_weights(weight_decay, mask=None if decay_all else decay_mask)
+def _decay(weight_decay: float, decay_all: bool, params: Any) -> optax.GradientTransformation:
+    """Decoupled decay of the matrices, or of every parameter (`decay_all`, as the reference).
+    The mask is read from `params`' labels when it holds Params, else from the arrays' ranks
+    when the updates arrive (a tree of role strings carries no shapes)."""
+    if decay_all:
+        return optax.add_decayed_weights(weight_decay)
+    state = param_state(params)
+    labelled = any(map(is_variable, jax.tree.leaves(state, is_leaf=is_variable)))
+    return optax.add_decayed_weights(weight_decay, mask=decay_mask(state) if labelled else decay_mask)
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
@@ -79,7 +87,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, 
     return optax.chain(
         scale_by_role_adam(scaling, params, b1=b1, b2=b2, eps=eps),
         scale_by_tree(lr_multipliers(scaling, params)),
-        _decay(weight_decay, decay_all),
+        _decay(weight_decay, decay_all, params),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -91,7 +99,7 @@ def sgd(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
     return optax.chain(
         optax.trace(decay=momentum) if momentum else optax.identity(),
         scale_by_tree(lr_multipliers(scaling, params)),
-        _decay(weight_decay, decay_all),
+        _decay(weight_decay, decay_all, params),
         optax.scale_by_learning_rate(learning_rate),
     )
 

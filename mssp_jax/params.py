@@ -51,8 +51,25 @@ def labelled_param(rngs: nnx.Rngs, scaling: Scaling, role: str, shape: Sequence[
     return nnx.Param(value, role=role, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def _is_variable(x: Any) -> bool:
+def is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def axes_of(var: nnx.Variable) -> tuple[str | None, ...] | None:
+    """A Param's axis names: the size axes `labelling.label` gave it, else its logical axes
+    (``layers`` leading when `nnx.vmap` stacked it); None when it has neither."""
+    meta = var.get_metadata()
+    axes = meta.get("size_axes") or meta.get("out_sharding")
+    return tuple(axes) if axes else None
+
+
+def weight_rank(x: Any) -> int:
+    """The dims of one parameter's weight: a labelled Param's dims other than its batch axes
+    (stacked experts or layers), a plain array's ndim."""
+    axes = axes_of(x) if is_variable(x) else None
+    if axes is None:
+        return getattr(x, "ndim", 0)
+    return sum(a not in BATCH_AXES for a in axes)
 
 
 def param_state(tree: Any) -> nnx.State:
@@ -72,12 +89,12 @@ def role_labels(tree: Any) -> Any:
     missing = []
 
     def label(path, var):
-        role = var.get_metadata().get("role") if _is_variable(var) else None
+        role = var.get_metadata().get("role") if is_variable(var) else None
         if role not in ROLES:
             missing.append(f"{jax.tree_util.keystr(path)} (role={role!r})")
         return role
 
-    labels = jax.tree.map_with_path(label, state, is_leaf=_is_variable)
+    labels = jax.tree.map_with_path(label, state, is_leaf=is_variable)
     if missing:
         raise ValueError("parameters without a known role label; allowed roles "
                          f"{list(ROLES)}:\n  " + "\n  ".join(missing))
@@ -87,4 +104,4 @@ def role_labels(tree: Any) -> Any:
 def logical_axes(tree: Any) -> Any:
     """A pytree of logical axis-name tuples, one per Param."""
     return jax.tree.map(lambda v: v.get_metadata().get("out_sharding"), param_state(tree),
-                        is_leaf=_is_variable)
+                        is_leaf=is_variable)

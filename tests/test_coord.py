@@ -144,6 +144,29 @@ def test_scanned_layers_come_back_per_layer(stacked_metadata):
         assert got[stacked_key] == pytest.approx(value, rel=2e-4, abs=1e-7), key
 
 
+def test_scanned_transformer_gives_the_unrolled_observables_per_layer():
+    """`TransformerMoE(scan_layers=True)` (MoE every 2nd block): block j of group g reports what
+    unrolled block 2g + j reports, and the per-role pools and the residual stream agree."""
+    scaling = make_scaling("mssp", Shape(8, 8, 4, 2, 4), Shape(16, 8, 4, 2, 4), regime="III")
+    scanned, unrolled = (TransformerMoE(32, scaling, head_dim=8, moe_every=2, scan_layers=scan,
+                                        rngs=nnx.Rngs(0)) for scan in (True, False))
+    stacked = nnx.to_flat_state(nnx.state(scanned, nnx.Param))
+    blocks = dict(nnx.to_flat_state(nnx.state(unrolled, nnx.Param)))
+    nnx.update(scanned, nnx.from_flat_state({
+        path: jnp.stack([blocks[("blocks", 2 * g + int(path[2]), *path[3:])] for g in range(2)])
+        if path[0] == "groups" else blocks[path] for path, _ in stacked}))
+    tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, 32)
+    move = lambda w: w * 1.1 + 0.01  # noqa: E731
+    got, *_ = observe(scanned, move, tokens, outputs=True)
+    want, *_ = observe(unrolled, move, tokens, outputs=True)
+    renamed = lambda k: re.sub(r"^blocks/(\d+)",  # noqa: E731
+                               lambda m: f"groups[{int(m[1]) // 2}]/blocks/{int(m[1]) % 2}", k)
+    assert "residual/top" in want and "blocks/1/ffn/h_agg/base" in want
+    assert {renamed(k) for k in want} <= set(got)
+    for key, value in want.items():
+        assert got[renamed(key)] == pytest.approx(value, rel=2e-4, abs=1e-7), key
+
+
 def test_recording_traces_nothing_outside_capture(monkeypatch):
     """The normal forward and backward are the same program as with the record calls deleted."""
     mlp = MLPMoE(8, 3, SCALING, rngs=nnx.Rngs(0))

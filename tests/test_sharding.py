@@ -142,6 +142,33 @@ def test_transformer_steps_compile_without_rematerialization(mesh):
     assert not remat_warnings(log), remat_warnings(log)[:1]
 
 
+def scanned_transformer_run(**mesh):
+    """(losses of STEPS steps, what XLA logged compiling the step) of a scanned Transformer-MoE
+    (two groups of a dense and an MoE block, remat on)."""
+    c = transformer_config(**mesh)
+    c.shape.depth = c.base_shape.depth = 4
+    c.scan_layers, c.remat = True, "full"
+    program = train.setup(c)
+    step = train.make_train_step(program)
+    tokens = np.random.default_rng(0).integers(0, c.vocab_size, (STEPS, 8, 17))
+    with stderr_lines() as log:
+        step.lower(program.abstract_state, {"inputs": tokens[0, :, :-1],
+                                            "targets": tokens[0, :, 1:]}).compile()
+    state, losses = train.init_state(program), []
+    for t in tokens:
+        state, metrics = step(state, {"inputs": t[:, :-1], "targets": t[:, 1:]})
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), log
+
+
+def test_scanned_transformer_trains_on_a_mesh_as_on_one_device():
+    want, _ = scanned_transformer_run()
+    got, log = scanned_transformer_run(fsdp=2, expert=2, tensor=2)
+    assert want[-1] < want[0]
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
+    assert not remat_warnings(log), remat_warnings(log)[:1]
+
+
 def test_the_log_capture_sees_the_warning_and_constrain_avoids_it():
     """The embedding lookup from a table split on `embed` warns; reading whole rows does not."""
     mesh = sharding.make_mesh(tiny_config(fsdp=2, expert=2, tensor=2))
