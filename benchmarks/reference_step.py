@@ -14,8 +14,9 @@ machine shared with other processes PyTorch's OpenMP threads wait on each other 
 measured 3x slower than 1 there), so the ratio is taken against the faster of the two. Ours is
 `mssp_jax.train.make_train_step` (what `run.py train` runs). Rounds alternate ours / reference
 on 2 threads / on 1 / a 1024^3 f32 matmul in jnp, so load from other processes hits all alike;
-figures are medians over rounds. Printed: tokens/s of each and their ratio, and our train step's
-FLOP/s (active matmul FLOPs, `benchmarks.run.active_flops_per_token`) over the matmul's.
+figures are medians over the quiet half of the rounds (`benchmarks.run.interleaved_medians`).
+Printed: tokens/s of each and their ratio, and our train step's FLOP/s (active matmul FLOPs,
+`benchmarks.run.active_flops_per_token`) over the matmul's.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.run import active_flops_per_token, machine, with_shape  # noqa: E402
+from benchmarks.run import (active_flops_per_token, interleaved_medians, machine,  # noqa: E402
+                            with_shape)
 from configs import transformer_moe  # noqa: E402
 from mssp_jax import train  # noqa: E402
 
@@ -111,17 +111,6 @@ def import_reference(path: Path) -> tuple[Any, Any] | str:
                               manager=importlib.import_module("manager")), torch
 
 
-def timed_rounds(cases: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds of each case over `rounds` rounds, cases alternating within each round."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def compare(ref: Any, torch: Any, width: int, steps: int, rounds: int) -> str:
     """One table row: our and the reference's ms/step and tokens/s, and our FLOP/s fraction."""
     tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 1))
@@ -132,9 +121,7 @@ def compare(ref: Any, torch: Any, width: int, steps: int, rounds: int) -> str:
              **{f"reference {n}": lambda n=n: (torch.set_num_threads(n), theirs(steps))
                 for n in TORCH_THREADS},
              "matmul": lambda: jax.block_until_ready(matmul(a))}
-    for fn in cases.values():  # compiles, first-step allocations
-        fn()
-    t = timed_rounds(cases, rounds)
+    t = interleaved_medians(cases, rounds)  # after a warm-up call each (compiles, allocations)
     ms = {name: t[name] / steps * 1e3 for name in cases if name != "matmul"}
     per_thread_count = [ms[f"reference {n}"] for n in TORCH_THREADS]
     ms["reference"] = min(per_thread_count)
