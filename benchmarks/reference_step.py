@@ -50,7 +50,8 @@ def our_config(width: int) -> Any:
     """configs/transformer_moe.py at the timing shapes (its own base shape: constants 1)."""
     config = with_shape(transformer_moe.get_config(), width=width, expert_width=EXPERT_WIDTH,
                         num_experts=EXPERTS, top_k=TOP_K, depth=LAYERS)
-    config.batch_size, config.seq_len, config.vocab_size, config.head_dim = BATCH, SEQ, VOCAB, HEAD_DIM
+    config.batch_size, config.seq_len = BATCH, SEQ
+    config.vocab_size, config.head_dim = VOCAB, HEAD_DIM
     return config
 
 
@@ -69,7 +70,8 @@ def our_stepper(width: int, tokens: np.ndarray) -> Callable[[int], None]:
     return run
 
 
-def reference_stepper(ref: Any, torch: Any, width: int, tokens: np.ndarray) -> Callable[[int], None]:
+def reference_stepper(ref: Any, torch: Any, width: int,
+                      tokens: np.ndarray) -> Callable[[int], None]:
     """The reference's GPT at the same shapes and its train.py step, on CPU."""
     config = ref.model.GPTConfig(
         sequence_length=SEQ, vocab_size=VOCAB, n_layer=LAYERS, n_head=width // HEAD_DIM,
