@@ -30,7 +30,10 @@ def stack_layers(routings: Routing | Sequence[Routing]) -> Routing:
 
 
 def router_metrics(routings: Routing | Sequence[Routing]) -> dict[str, jax.Array]:
-    """Mean over MoE layers: Switch loss, per-expert load (max / min), gate entropy."""
+    """Mean over MoE layers: Switch loss, per-expert load (max / min), gate entropy; none for a
+    model without MoE layers (a dense-FFN Transformer)."""
+    if not routings:  # no MoE layer (a Routing itself is a non-empty NamedTuple)
+        return {}
     r = stack_layers(routings)
     probs = jnp.mean(jax.nn.softmax(r.logits, -1), -2)  # [layers, M]
     return {
@@ -86,6 +89,8 @@ def loss_fn(model: Any, batch: dict[str, jax.Array], config: Any) -> tuple[jax.A
     metrics = {"task_loss": loss, **router_metrics(routings)}
     if config.model != "transformer_moe":  # the MLP-MoE classifies
         metrics["accuracy"] = accuracy(outputs, batch["targets"])
-    weight = config.get("aux_loss_weight", 0.0)
+    weight = config.get("aux_loss_weight", 0.0) if routings else 0.0
+    if not weight:
+        return loss, metrics
     aux = metrics["aux_loss_sum" if config.get("aux_loss_layers", "mean") == "sum" else "aux_loss"]
-    return (loss + weight * aux if weight else loss), metrics
+    return loss + weight * aux, metrics

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec
@@ -119,14 +120,27 @@ class MLPMoE(nnx.Module):
         return self.w_out(h_agg), [routing]
 
 
+def rope_tables(seq: int, dim: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sign-flipped sin of the rotation angles, [T, 2, D/2] each, computed by numpy at
+    trace time (constants of the program, not work of every step). Pair i of a head is
+    (x[i], x[i + D/2]), rotated by angle t * base^(-2i/D)."""
+    freqs = base ** (-np.arange(dim // 2, dtype=np.float64) / (dim // 2))
+    angles = np.arange(seq, dtype=np.float64)[:, None] * freqs[None, :]  # [T, D/2]
+    cos, sin = np.cos(angles), np.sin(angles)
+    return (np.stack([cos, cos], 1).astype(np.float32),
+            np.stack([-sin, sin], 1).astype(np.float32))
+
+
 def rope(x: jax.Array, base: float = 10000.0) -> jax.Array:
-    """Rotary position embedding over the last axis of x [B, T, H, D]."""
-    seq, dim = x.shape[1], x.shape[-1]
-    freqs = base ** (-jnp.arange(0, dim // 2, dtype=jnp.float32) / (dim // 2))
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]  # [T, D/2]
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+    """Rotary position embedding over the last axis of x [B, T, H, D]: with the halves
+    x = (x1, x2), (x1 cos - x2 sin, x2 cos + x1 sin). The halves are an axis of size 2, and
+    swapping them a reverse along it, so the rotation is one elementwise fusion (a split and a
+    concatenate cost 4-6% of a small model's train step on CPU)."""
+    b, t, h, d = x.shape
+    cos, sin = rope_tables(t, d, base)
+    pairs = x.reshape(b, t, h, 2, d // 2)
+    rotated = pairs * cos[:, None] + jnp.flip(pairs, -2) * sin[:, None]
+    return rotated.reshape(x.shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):

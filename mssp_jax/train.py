@@ -33,7 +33,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mssp_jax import checkpoint, data, factory, losses, metrics, preemption, sharding
+from mssp_jax import checkpoint, compiler, data, factory, losses, metrics, preemption, sharding
 from mssp_jax.scaling import ConfigError, Scaling
 
 DONE, DIVERGED, INTERRUPTED = 0, 3, 4
@@ -121,7 +121,8 @@ def _objective(program: Program, params: Any, batch: Any) -> tuple[jax.Array, di
 
 def make_train_step(program: Program) -> Callable:
     """jit(state, global batch) -> (state, metrics): one optimizer step with the state's
-    shardings, state donated. The metrics stay on the device (nothing waits for them)."""
+    shardings, state donated, compiled with `compiler.options()`. The metrics stay on the
+    device (nothing waits for them)."""
 
     def step(state, batch):
         (loss, aux), grads = jax.value_and_grad(
@@ -131,9 +132,9 @@ def make_train_step(program: Program) -> Callable:
         return ({"params": params, "opt_state": opt_state},
                 {"loss": loss, "grad_norm": optax.global_norm(grads), **aux})
 
-    return jax.jit(step, in_shardings=(program.state_shardings, program.batch_sharding),
-                   out_shardings=(program.state_shardings, NamedSharding(program.mesh, P())),
-                   donate_argnums=0)
+    return compiler.jit(step, in_shardings=(program.state_shardings, program.batch_sharding),
+                        out_shardings=(program.state_shardings, NamedSharding(program.mesh, P())),
+                        donate_argnums=0)
 
 
 def make_eval_step(program: Program) -> Callable:
@@ -143,8 +144,9 @@ def make_eval_step(program: Program) -> Callable:
         loss, aux = _objective(program, params, batch)
         return {"loss": loss, **aux}
 
-    return jax.jit(step, in_shardings=(program.state_shardings["params"], program.batch_sharding),
-                   out_shardings=NamedSharding(program.mesh, P()))
+    return compiler.jit(step,
+                        in_shardings=(program.state_shardings["params"], program.batch_sharding),
+                        out_shardings=NamedSharding(program.mesh, P()))
 
 
 def evaluate(program: Program, eval_step: Callable, params: Any, examples: data.Examples) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mssp_jax import factory
+from mssp_jax import compiler, factory
 from mssp_jax.losses import loss_fn
 from mssp_jax.params import role_labels
 
@@ -147,7 +147,7 @@ def train_lrs(config: Any, lrs: Sequence[float], seeds: Sequence[int], data: dic
         return losses, t.loss(p, evalset)
 
     over_seeds = jax.vmap(one_run, in_axes=(None, None, 0))
-    over_runs = jax.jit(jax.vmap(over_seeds, in_axes=(0, 0, None)))
+    over_runs = compiler.jit(jax.vmap(over_seeds, in_axes=(0, 0, None)))
     chunk = max(max_runs // len(seeds), 1) if max_runs else len(lrs)
     pad = -len(lrs) % chunk  # repeat the last LR so every chunk has the compiled shape
     padded = jax.tree.map(lambda x: jnp.concatenate([x] + [x[-1:]] * pad), (lr_trees, init_trees))

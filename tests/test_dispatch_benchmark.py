@@ -1,8 +1,9 @@
-"""`benchmarks/run.py --quick` produces every ratio row, finite, in the markdown file it writes."""
+"""`benchmarks/run.py --quick` produces every ratio row, finite, in the markdown file it writes;
+`benchmarks/reference_step.py` skips cleanly without torch or the reference checkout."""
 
 import math
 
-from benchmarks import run
+from benchmarks import reference_step, run
 
 ROWS = [  # every ratio the issue asks for (quick mode measures dispatch=auto only)
     "MoE / dense-FFN train step, dispatch=auto",
@@ -28,3 +29,8 @@ def test_quick_benchmark_writes_every_row(tmp_path, capsys):
         assert math.isfinite(float(ratio)) and float(ratio) > 0, name
     table = text.split("<!-- benchmarks:begin -->")[1].split("<!-- benchmarks:end -->")[0]
     assert table.strip() in capsys.readouterr().out
+
+
+def test_reference_step_skips_cleanly_without_a_checkout(tmp_path, capsys):
+    assert reference_step.main([str(tmp_path)]) == 0
+    assert "reference_step: skipped" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mssp_jax.models import MLPMoE, TransformerMoE
+from mssp_jax.models import MLPMoE, TransformerMoE, rope
 from mssp_jax.scaling import Shape, make_scaling
 
 SPECIAL_PARAM = {"I": "router", "II": "w_down", "III": None}  # MSSP's one init change per regime
@@ -94,3 +94,14 @@ def test_renormalized_gates_sum_to_one():
     model = MLPMoE(8, 2, s, rngs=nnx.Rngs(0), renormalize=True)
     _, (routing,) = model(jax.random.normal(jax.random.key(0), (10, 8)))
     np.testing.assert_allclose(routing.weights.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_rope_rotates_each_pair_by_its_angle():
+    """Pair i of a head, (x[i], x[i + D/2]) as the complex number x[i] + 1j x[i + D/2], is
+    multiplied by exp(1j t base^(-2i/D)) at position t."""
+    b, t, h, d, base = 2, 12, 3, 8, 10000.0
+    x = np.asarray(jax.random.normal(jax.random.key(0), (b, t, h, d)), np.float64)
+    angles = np.arange(t)[:, None] * base ** (-2 * np.arange(d // 2) / d)  # [T, D/2]
+    z = (x[..., : d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * angles)[None, :, None, :]
+    expected = np.concatenate([z.real, z.imag], -1)
+    np.testing.assert_allclose(rope(jnp.asarray(x, jnp.float32)), expected, rtol=1e-5, atol=1e-5)

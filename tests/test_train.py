@@ -232,3 +232,16 @@ def test_main_job_writes_its_outputs_and_eval_reproduces_them(data_dir, tmp_path
 def test_bad_loop_fields_are_named_before_compute(data_dir, field, value):
     with pytest.raises(ConfigError, match=field):
         train.setup(mlp_config(data_dir, **{field: value}))
+
+
+def test_dense_ffn_only_transformer_takes_a_train_step():
+    """No MoE block (moe_every beyond the depth): no router metrics, no load-balancing term."""
+    config = transformer_moe.get_config()
+    config.batch_size, config.seq_len = 4, 16
+    config.moe_every = config.shape.depth + 1
+    program = train.setup(config)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (4, 17))
+    batch = program.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    _, out = train.make_train_step(program)(train.init_state(program), batch)
+    assert "aux_loss" not in out and np.isfinite(float(out["loss"]))
+    assert float(out["loss"]) == float(out["task_loss"])
