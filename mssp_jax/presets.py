@@ -143,6 +143,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Depth scaling: the branch multiplier goes on BRANCH_OUTPUT_ROLES; LR/eps factors on BLOCK_ROLES.
+# Measured (docs/RESULTS.md "Depth", Adam, L 2 -> 16): completep transfers (optimal LR drift 0) and
+# improves with depth; depth_mup improves too but its Adam LR L^-1/2 drifts the optimum 2 grid steps.
 DEPTH_RULES: dict[str, dict[str, str]] = {
     "none": {"branch_mult": "1", "sgd_lr": "1", "adam_lr": "1", "adam_eps": "1"},
     "depth_mup": {"branch_mult": "rL^-0.5", "sgd_lr": "1", "adam_lr": "rL^-0.5", "adam_eps": "1"},
