@@ -208,7 +208,8 @@ def drift_figure(sweeps: list[Sweep], path: str) -> str:
 
     cols = 4
     rows = -(-len(sweeps) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False,
+                             layout="constrained")
     for ax, s in zip(axes.flat, sweeps):
         for k, p in enumerate(PARAMS):
             f = s.table[p]
