@@ -37,7 +37,7 @@ class Sweep:
     data: str
     table: dict[str, Any]  # summary.summarize output for the optimizer
     cells: dict[str, list[dict[str, Any]]]  # parameterization -> LR cells sorted by scale
-    hours: float | None  # wall time on the 2-core machine (wall_hours)
+    hours: WallTime  # on the 2-core machine
 
     @property
     def complete(self) -> bool:
@@ -100,24 +100,38 @@ def reversals(family: dict[str, Any]) -> int:
     return int((rise > 0).sum())
 
 
-def wall_hours(path: str, gap_s: float = 3600.0, min_span_s: float = 60.0) -> float | None:
-    """The sweep's wall time on this machine: the sum of its cells' recorded `wall_s` when every
-    cell has one; otherwise from the cells' file times (the gaps between consecutive finished
-    cells, leaving out gaps over `gap_s`: the campaign was stopped between sessions); None when
-    neither is known (file times all equal: the results were checked out again)."""
+@dataclass(frozen=True)
+class WallTime:
+    """A sweep's wall time on this machine, over the cells whose time is known."""
+    hours: float
+    timed: int  # cells whose time is known
+    cells: int
+
+    def __str__(self) -> str:
+        if not self.timed:
+            return "time not recorded"
+        part = "" if self.timed == self.cells else f" for {self.timed} of {self.cells} cells"
+        return f"{self.hours:.1f} h{part}"
+
+
+def wall_hours(path: str, gap_s: float = 3600.0, stamp_count: int = 3) -> WallTime:
+    """A cell's time is its recorded `wall_s`; for an older cell without one, the gap since the
+    previous cell's file time, unless that gap is over `gap_s` (the campaign was stopped between
+    sessions) or either file time is a checkout stamp (`stamp_count` or more files with the same
+    second: results checked out again lose their times). The first cell by file time has no gap."""
     files = glob.glob(os.path.join(path, "cells", "*.json"))
-    recorded = [json.load(open(f)).get("wall_s") for f in files]
-    if files and all(w is not None for w in recorded):
-        return float(sum(recorded) / 3600)
-    times = np.sort([os.path.getmtime(f) for f in files])
-    if len(times) < 2 or times[-1] - times[0] < min_span_s:
-        return None
-    gaps = np.diff(times)
-    return float(gaps[gaps < gap_s].sum() / 3600)
-
-
-def _hours(hours: float | None) -> str:
-    return "time not recorded" if hours is None else f"{hours:.1f} h"
+    recorded = {f: json.load(open(f)).get("wall_s") for f in files}
+    mtimes = {f: int(os.path.getmtime(f)) for f in files}
+    counts = {t: list(mtimes.values()).count(t) for t in set(mtimes.values())}
+    ordered = sorted(files, key=mtimes.get)
+    seconds, timed = 0.0, 0
+    for prev, f in zip([None] + ordered[:-1], ordered):
+        if recorded[f] is not None:
+            seconds, timed = seconds + recorded[f], timed + 1
+        elif prev is not None and counts[mtimes[f]] < stamp_count and \
+                counts[mtimes[prev]] < stamp_count and mtimes[f] - mtimes[prev] < gap_s:
+            seconds, timed = seconds + mtimes[f] - mtimes[prev], timed + 1
+    return WallTime(seconds / 3600, timed, len(files))
 
 
 def _lrs(f: dict[str, Any]) -> str:
@@ -237,7 +251,7 @@ def sweep_tables(sweeps: list[Sweep], results: str) -> str:
     for s in sweeps:
         folder = os.path.join(results, f"{s.regime}-{s.optimizer}-{s.constants}-{s.data}")
         figs = sorted(glob.glob(os.path.join(folder, "figures", "*.png")))
-        out += [f"**{s.name}** ({_hours(s.hours)}; `{folder}`)", "",
+        out += [f"**{s.name}** ({s.hours}; `{folder}`)", "",
                 summary.format_table({s.optimizer: s.table}).split("\n\n")[0], "",
                 " ".join(f"[{os.path.basename(f)[:-4]}]({os.path.relpath(f, DOCS)})" for f in figs),
                 ""]
@@ -258,7 +272,7 @@ def report(results: str, figures: str | None) -> str:
            "**(c) muP does not reliably transfer and improve**", "", mup_table(sweeps), "",
            "**(d) SP's optimal LR drifts**", "", transfer_table(sweeps, "sp", True), "",
            "Wall time per sweep (2 shared cores, nice 19): " + "; ".join(
-               f"{s.name} {_hours(s.hours)}" for s in sweeps), "", "**Per sweep**", "",
+               f"{s.name} {s.hours}" for s in sweeps), "", "**Per sweep**", "",
            sweep_tables(sweeps, results), summary.TABLE_NOTES]
     if figures and sweeps:
         os.makedirs(figures, exist_ok=True)

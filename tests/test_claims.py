@@ -77,18 +77,26 @@ def test_an_mssp_optimum_that_moves_is_a_disagreement(results):
     assert table.splitlines()[-1].endswith("| 2 (seeds 2-2) | disagree |")
 
 
-def test_wall_hours_sum_the_recorded_cell_times_or_are_unknown(tmp_path):
+def test_wall_hours_sum_the_recorded_cell_times_or_the_known_gaps(tmp_path):
     cells = tmp_path / "cells"
     cells.mkdir()
     for i, wall in enumerate((1800.0, 5400.0)):
         (cells / f"lr-{i}.json").write_text(json.dumps({"wall_s": wall}))
-    assert claims.wall_hours(str(tmp_path)) == 2.0
-    (cells / "lr-2.json").write_text(json.dumps({}))  # an older cell, file times all equal
-    for f in cells.iterdir():
-        os.utime(f, (1e9, 1e9))
-    assert claims.wall_hours(str(tmp_path)) is None
-    os.utime(cells / "lr-2.json", (1e9 + 600, 1e9 + 600))
-    assert claims.wall_hours(str(tmp_path)) == pytest.approx(600 / 3600)
+    assert str(claims.wall_hours(str(tmp_path))) == "2.0 h"
+    for i in range(2, 5):  # older cells without wall_s, their file times a checkout stamp
+        (cells / f"lr-{i}.json").write_text(json.dumps({}))
+        os.utime(cells / f"lr-{i}.json", (1e9, 1e9))
+    assert str(claims.wall_hours(str(tmp_path))) == "2.0 h for 2 of 5 cells"
+    (cells / "lr-5.json").write_text(json.dumps({}))  # finished 600 s after lr-6, which is timed
+    (cells / "lr-6.json").write_text(json.dumps({"wall_s": 0.0}))
+    os.utime(cells / "lr-6.json", (2e9, 2e9))
+    os.utime(cells / "lr-5.json", (2e9 + 1800, 2e9 + 1800))
+    wall = claims.wall_hours(str(tmp_path))
+    assert (wall.hours, wall.timed, wall.cells) == (2.5, 4, 7)
+    for f in cells.iterdir():  # everything checked out again, nothing recorded
+        f.write_text(json.dumps({}))
+        os.utime(f, (3e9, 3e9))
+    assert str(claims.wall_hours(str(tmp_path))) == "time not recorded"
 
 
 def test_update_replaces_only_the_marked_block(tmp_path):
