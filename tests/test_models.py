@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mssp_jax.models import MLPMoE, TransformerMoE, rope
+from mssp_jax.models import Attention, MLPMoE, TransformerMoE, rope
 from mssp_jax.scaling import Shape, make_scaling
 
 SPECIAL_PARAM = {"I": "router", "II": "w_down", "III": None}  # MSSP's one init change per regime
@@ -105,3 +105,19 @@ def test_rope_rotates_each_pair_by_its_angle():
     z = (x[..., : d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * angles)[None, :, None, :]
     expected = np.concatenate([z.real, z.imag], -1)
     np.testing.assert_allclose(rope(jnp.asarray(x, jnp.float32)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_attention_matches_jax_dot_product_attention(dtype, tol):
+    """The written-out attention (heads-major einsums, numpy causal mask) computes what
+    `jax.nn.dot_product_attention(is_causal=True)` computes from the same q, k, v."""
+    s = make_scaling("mssp", Shape(32, 32, 4, 2, 4), Shape(64, 64, 8, 4, 4), regime="III")
+    attn = Attention(64, 16, s, rngs=nnx.Rngs(0), dtype=dtype)
+    x = jax.random.normal(jax.random.key(1), (2, 12, 64))
+    split = lambda y: y.reshape(2, 12, 4, 16)  # noqa: E731
+    q, k = (rope(norm(split(proj(x)))).astype(dtype)
+            for norm, proj in ((attn.q_norm, attn.q), (attn.k_norm, attn.k)))
+    y = jax.nn.dot_product_attention(q, k, split(attn.v(x)).astype(dtype), is_causal=True)
+    expected = attn.out(y.reshape(2, 12, 64))
+    np.testing.assert_allclose(np.asarray(attn(x), np.float32), np.asarray(expected, np.float32),
+                               rtol=tol, atol=tol)
