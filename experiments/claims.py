@@ -12,6 +12,7 @@ optimum (its range over seeds) and the seed std of the loss at the optimum.
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
@@ -122,7 +123,7 @@ def wall_hours(path: str, gap_s: float = 3600.0, stamp_count: int = 3) -> WallTi
     files = glob.glob(os.path.join(path, "cells", "*.json"))
     recorded = {f: json.load(open(f)).get("wall_s") for f in files}
     mtimes = {f: int(os.path.getmtime(f)) for f in files}
-    counts = {t: list(mtimes.values()).count(t) for t in set(mtimes.values())}
+    counts = collections.Counter(mtimes.values())
     ordered = sorted(files, key=mtimes.get)
     seconds, timed = 0.0, 0
     for prev, f in zip([None] + ordered[:-1], ordered):
