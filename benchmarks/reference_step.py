@@ -39,25 +39,25 @@ import numpy as np  # noqa: E402
 from benchmarks.run import (active_flops_per_token, interleaved_medians, machine,  # noqa: E402
                             with_shape)
 from configs import transformer_moe  # noqa: E402
-from mssp_jax import train  # noqa: E402
+from mssp_jax import dispatch, train  # noqa: E402
 
 LAYERS, EXPERTS, TOP_K, EXPERT_WIDTH, HEAD_DIM = 4, 8, 2, 256, 16
 SEQ, BATCH, VOCAB, TORCH_THREADS = 128, 16, 256, (2, 1)
 REFERENCE_DIR = "transformer-moe-experiments"
 
 
-def our_config(width: int) -> Any:
+def our_config(width: int, dispatch: str = "auto") -> Any:
     """configs/transformer_moe.py at the timing shapes (its own base shape: constants 1)."""
     config = with_shape(transformer_moe.get_config(), width=width, expert_width=EXPERT_WIDTH,
                         num_experts=EXPERTS, top_k=TOP_K, depth=LAYERS)
-    config.batch_size, config.seq_len = BATCH, SEQ
+    config.batch_size, config.seq_len, config.dispatch = BATCH, SEQ, dispatch
     config.vocab_size, config.head_dim = VOCAB, HEAD_DIM
     return config
 
 
-def our_stepper(width: int, tokens: np.ndarray) -> Callable[[int], None]:
+def our_stepper(width: int, tokens: np.ndarray, dispatch: str) -> Callable[[int], None]:
     """`steps` -> runs that many of our train steps (state carried over) and waits for them."""
-    program = train.setup(our_config(width))
+    program = train.setup(our_config(width, dispatch))
     step = train.make_train_step(program)
     batch = program.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
     state = [train.init_state(program)]
@@ -113,10 +113,11 @@ def import_reference(path: Path) -> tuple[Any, Any] | str:
                               manager=importlib.import_module("manager")), torch
 
 
-def compare(ref: Any, torch: Any, width: int, steps: int, rounds: int) -> str:
+def compare(ref: Any, torch: Any, width: int, steps: int, rounds: int, dispatch: str) -> str:
     """One table row: our and the reference's ms/step and tokens/s, and our FLOP/s fraction."""
     tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 1))
-    ours, theirs = our_stepper(width, tokens), reference_stepper(ref, torch, width, tokens)
+    ours = our_stepper(width, tokens, dispatch)
+    theirs = reference_stepper(ref, torch, width, tokens)
     a = jax.random.normal(jax.random.key(0), (1024, 1024))
     matmul = jax.jit(lambda m: m @ m)
     cases = {"ours": lambda: ours(steps),
@@ -141,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256], help="d_model values")
     parser.add_argument("--steps", type=int, default=3, help="train steps per timed call")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per width")
+    parser.add_argument("--dispatch", default="auto", choices=dispatch.names(),
+                        help="our MoE dispatch (mssp_jax/dispatch.py)")
     args = parser.parse_args(argv)
     imported = import_reference(args.path)
     if isinstance(imported, str):
         print(f"reference_step: skipped ({imported})")
         return 0
     ref, torch = imported
-    rows = [compare(ref, torch, width, args.steps, args.rounds) for width in args.widths]
-    print(f"`python benchmarks/reference_step.py PATH --steps {args.steps} --rounds {args.rounds}` "
+    rows = [compare(ref, torch, width, args.steps, args.rounds, args.dispatch)
+            for width in args.widths]
+    print(f"`python benchmarks/reference_step.py PATH --steps {args.steps} --rounds {args.rounds} "
+          f"--dispatch {args.dispatch}` "
           f"on {machine()}, torch {torch.__version__}\n\n"
           "| d_model | ours ms/step | reference ms/step, 2 / 1 threads | ours tokens/s | "
           "reference tokens/s (faster) | ours / reference tokens/s | "

@@ -8,6 +8,8 @@ summary that `run.py sweep` writes. Error bars come from the seeds: the drift of
 optimum (its range over seeds) and the seed std of the loss at the optimum.
 
     python3 -m experiments.claims --figures docs/figures/x16 --update docs/RESULTS.md
+    python3 -m experiments.claims --results experiments/results/transformer_x8 \
+        --figures docs/figures/transformer_x8 --update docs/RESULTS.md --block claims-transformer
 """
 
 from __future__ import annotations
@@ -283,30 +285,30 @@ def report(results: str, figures: str | None) -> str:
     return "\n".join(out)
 
 
-BEGIN, END = "<!-- claims: begin -->", "<!-- claims: end -->"
-
-
-def update(document: str, text: str) -> None:
-    """Replaces what lies between the BEGIN and END marks of `document` by `text`."""
+def update(document: str, text: str, block: str = "claims") -> None:
+    """Replaces what lies between `document`'s marks `<!-- block: begin -->` and
+    `<!-- block: end -->` by `text` (one document holds several generated blocks)."""
+    begin, end = f"<!-- {block}: begin -->", f"<!-- {block}: end -->"
     with open(document) as f:
         old = f.read()
-    if BEGIN not in old or END not in old:
-        raise ValueError(f"{document} has no {BEGIN} ... {END} block to replace")
-    head, rest = old.split(BEGIN, 1)
+    if begin not in old or end not in old:
+        raise ValueError(f"{document} has no {begin} ... {end} block to replace")
+    head, rest = old.split(begin, 1)
     with open(document, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+        f.write(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 _RESULTS = flags.DEFINE_string("results", "experiments/results/x16", "folder of sweep folders")
 _FIGURES = flags.DEFINE_string("figures", None, "where to write the drift figure (optional)")
 _UPDATE = flags.DEFINE_string("update", None, "a Markdown file whose claims block to rewrite")
+_BLOCK = flags.DEFINE_string("block", "claims", "the name in the block's begin / end marks")
 
 
 def main(argv: list[str]) -> None:
     del argv
     text = report(_RESULTS.value, _FIGURES.value)
     if _UPDATE.value:
-        update(_UPDATE.value, text)
+        update(_UPDATE.value, text, _BLOCK.value)
     print(text)
 
 

@@ -99,11 +99,14 @@ def test_wall_hours_sum_the_recorded_cell_times_or_the_known_gaps(tmp_path):
     assert str(claims.wall_hours(str(tmp_path))) == "time not recorded"
 
 
-def test_update_replaces_only_the_marked_block(tmp_path):
+def test_update_replaces_only_the_named_block(tmp_path):
     doc = tmp_path / "R.md"
-    doc.write_text(f"intro\n{claims.BEGIN}\nold\n{claims.END}\nappendix\n")
+    marks = lambda b, body: f"<!-- {b}: begin -->\n{body}\n<!-- {b}: end -->"  # noqa: E731
+    doc.write_text(f"intro\n{marks('claims', 'old')}\nmid\n{marks('claims-t', 'old t')}\nend\n")
     claims.update(str(doc), "new")
-    assert doc.read_text() == f"intro\n{claims.BEGIN}\nnew\n{claims.END}\nappendix\n"
+    claims.update(str(doc), "new t", block="claims-t")
+    assert doc.read_text() == (f"intro\n{marks('claims', 'new')}\nmid\n"
+                               f"{marks('claims-t', 'new t')}\nend\n")
     doc.write_text("no marks")
     with pytest.raises(ValueError, match="no .* block"):
         claims.update(str(doc), "x")

@@ -17,7 +17,7 @@ SHAPES = [  # (T, N, Ne, M, K)
     (20, 8, 6, 8, 1),  # K = 1
     (40, 16, 8, 16, 3),
 ]
-EXACT = ["sorted", "ragged", "capacity"]
+EXACT = ["sorted", "ragged", "capacity", "bucketed"]
 
 
 def problem(t, n, ne, m, k, seed=0):
@@ -72,6 +72,52 @@ def test_sorted_is_exact_for_any_tile(tile):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("routing", ["balanced", "one_expert", "between"])
+def test_bucketed_takes_every_branch_and_stays_exact(routing):
+    """Balanced routing fits the smallest buffer, all tokens on one expert fit none (sorted
+    tiles), and a busiest expert between the two buffer sizes takes the second."""
+    t, n, ne, m, k = 64, 8, 4, 8, 2
+    x, w_up, w_down, _, weights = problem(t, n, ne, m, k)
+    caps = dispatch.bucket_capacities(t * k, m)
+    assert caps[:2] == [20, 24]  # ceil(1.25 * 128 / 8), ceil(1.5 * 128 / 8)
+    first = np.arange(t) % m
+    if routing == "one_expert":
+        first = np.zeros(t, int)
+    if routing == "between":  # expert 0: 22 first choices (over 20, within 24), others fewer
+        first = np.where(np.arange(t) < 22, 0, 1 + np.arange(t) % (m - 1))
+    load = np.bincount(first, minlength=m)
+    second = []
+    for e in first:  # the least-loaded other expert, never expert 0 in the 'between' case
+        choice = min((x for x in range(m) if x != e and (routing != "between" or x)),
+                     key=lambda x: load[x])
+        load[choice] += 1
+        second.append(choice)
+    idx = jnp.asarray(np.stack([first, second], 1), jnp.int32)
+    sizes = jnp.bincount(idx.reshape(-1), length=m)
+    want_branch = {"balanced": 0, "between": 1, "one_expert": len(caps)}[routing]
+    assert int(dispatch.bucket_index(sizes, caps)) == want_branch
+    want = outputs_and_grads(dispatch.dense, x, w_up, w_down, idx, weights)
+    got = outputs_and_grads(dispatch.bucketed, x, w_up, w_down, idx, weights)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+def test_bucket_sizes_stop_where_buffers_outgrow_sorted_tiles():
+    """T*K = 4096: M = 8 has 4992 tile rows, so its 2x buffer (8192 rows) is left out; M = 64 has
+    6080, so its 2x buffer (64 x 128 rows) is kept."""
+    assert dispatch.bucket_capacities(4096, 8) == [640, 768]
+    assert dispatch.bucket_capacities(4096, 64) == [80, 96, 128]
+
+
+def test_bucketed_without_buckets_is_sorted():
+    """With T*K slots no larger than the buffers (tiny layers) only the sorted branch is left."""
+    assert dispatch.bucket_capacities(2, 2) == []
+    x, w_up, w_down, idx, weights = problem(1, 8, 4, 2, 2)
+    np.testing.assert_allclose(apply(dispatch.bucketed, x, w_up, w_down, idx, weights),
+                               apply(dispatch.dense, x, w_up, w_down, idx, weights),
+                               rtol=2e-5, atol=2e-5)
+
+
 def test_sort_fallback_for_huge_keys_agrees(monkeypatch):
     idx = problem(*SHAPES[3])[3]
     packed = dispatch.group_slots(idx, 16)
@@ -112,6 +158,18 @@ def test_capacity_priority_is_first_choices_first():
 def test_auto_is_an_exact_registered_dispatch():
     assert dispatch.get("auto") is dispatch.get(dispatch.AUTO[jax.default_backend()])
     assert dispatch.AUTO[jax.default_backend()] != "capacity"
+    assert dispatch.AUTO_BATCHED[jax.default_backend()] not in ("capacity", "bucketed")
+
+
+def test_vmapped_sweeps_resolve_auto_to_the_batched_choice():
+    """A switch on per-run routing runs every branch under vmap: sweeps must not get `bucketed`."""
+    from mssp_jax import vmap_train
+
+    config = mlp_moe.get_config()
+    assert config.dispatch == "auto"
+    assert vmap_train.unit_lr_config(config).dispatch == dispatch.auto_name(batched=True)
+    config.dispatch = "dense"
+    assert vmap_train.unit_lr_config(config).dispatch == "dense"
 
 
 def test_get_errors_name_the_allowed_values():

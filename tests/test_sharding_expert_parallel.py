@@ -69,7 +69,7 @@ def test_registered_name_uses_the_context_mesh():
         registered(x, w_up, w_down, idx, weights)
 
 
-@pytest.mark.parametrize("name", ["sorted", "dense"])
+@pytest.mark.parametrize("name", ["sorted", "dense", "bucketed"])
 def test_token_parallel_equals_one_device_with_gradients(name):
     """Meshes that do not split the experts: the dispatch on each device's tokens, the experts'
     hidden dim split over tensor (psum), N gathered from fsdp."""
