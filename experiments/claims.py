@@ -173,8 +173,12 @@ def transfer_table(sweeps: list[Sweep], param: str, drifts: bool) -> str:
         f = s.table[param]
         moved = f["drift_steps"] > TRANSFER_STEPS
         verdict = "agree" if moved == drifts else "disagree"
-        if not moved and all(f["opt_at_grid_edge"]):
-            verdict = "inconclusive: optimum on the grid edge at every scale"
+        if not moved and any(f["opt_at_grid_edge"]):  # the drift seen is only a lower bound
+            verdict = ("inconclusive: optimum on the grid edge at every scale"
+                       if all(f["opt_at_grid_edge"]) else
+                       f"inconclusive: drift >= {f['drift_steps']}, optimum on the grid edge at "
+                       + ", ".join(f"x{x}" for x, e in zip(f["scales"], f["opt_at_grid_edge"])
+                                   if e))
         lines.append(_row(s, _spacing(f), _lrs(f), _drift(f, s.cells[param]), verdict))
     return "\n".join(lines)
 

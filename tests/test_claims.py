@@ -130,6 +130,15 @@ def test_an_optimum_on_the_grid_edge_at_every_scale_is_inconclusive(results):
     assert last_row(table).endswith("| inconclusive: optimum on the grid edge at every scale |")
 
 
+def test_a_small_drift_ending_on_the_grid_edge_is_inconclusive(results):
+    """SP one step apart, the larger scale's optimum at the grid's top: it may lie further out."""
+    cells = results / "II-adam-paper-mnist1d" / "cells"
+    for scale, opt in ((1, [2, 2]), (4, [3, 3])):
+        (cells / f"lr-II-adam-sp-x{scale}.json").write_text(json.dumps(cell("sp", scale, opt)))
+    table = claims.transfer_table(claims.load(str(results)), "sp", drifts=True)
+    assert last_row(table).endswith("| inconclusive: drift >= 1, optimum on the grid edge at x4 |")
+
+
 def test_the_mup_gap_is_relative_to_mssp_with_both_seed_stds():
     f = dict(best_loss=[1.1, 2.2], best_loss_std=[0.03, 0.0])
     g = dict(best_loss=[1.0, 2.0], best_loss_std=[0.04, 0.0])
