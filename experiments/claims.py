@@ -4,7 +4,8 @@
 (c) muP does not reliably do both (its optimum drifts, its loss is not monotone, or it learns
 later at larger scale); (d) SP's optimal LR drifts. A sweep directory is named
 `<regime>-<optimizer>-<constants>-<data>` (experiments/x16_campaign.sh) and holds the cells and
-summary that `run.py sweep` writes. Error bars come from the seeds: the drift of each seed's own
+summary that `run.py sweep` writes; runs in its extension folders (`sweep.extensions`: e.g. an LR
+grid widened where an optimum sat on the edge) join its cells. Error bars come from the seeds: the drift of each seed's own
 optimum (its range over seeds) and the seed std of the loss at the optimum.
 
     python3 -m experiments.claims --figures docs/figures/x16 --update docs/RESULTS.md
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from experiments import plots, summary
+from experiments import plots, summary, sweep
 
 TRANSFER_STEPS = 1  # an optimum moving at most one grid step counts as transferring
 PARAMS = ("mssp", "mup", "sp")
@@ -57,7 +58,8 @@ def load(results: str) -> list[Sweep]:
     sweeps = []
     for path in sorted(glob.glob(os.path.join(results, "*-*-*-*/"))):
         regime, optimizer, constants, data = os.path.basename(path.rstrip("/")).split("-")
-        records = [json.load(open(f)) for f in glob.glob(os.path.join(path, "cells", "lr-*.json"))]
+        records = [sweep.merged_cell(path, sweep.Cell(**json.load(open(f))["cell"]))
+                   for f in glob.glob(os.path.join(path, "cells", "lr-*.json"))]
         table = summary.summarize(records).get(optimizer, {})
         if not all(len(table.get(p, {}).get("scales", ())) >= 2 for p in PARAMS):
             continue
@@ -121,8 +123,10 @@ def wall_hours(path: str, gap_s: float = 3600.0, stamp_count: int = 3) -> WallTi
     """A cell's time is its recorded `wall_s`; for an older cell without one, the gap since the
     previous cell's file time, unless that gap is over `gap_s` (the campaign was stopped between
     sessions) or either file time is a checkout stamp (`stamp_count` or more files with the same
-    second: results checked out again lose their times). The first cell by file time has no gap."""
-    files = glob.glob(os.path.join(path, "cells", "*.json"))
+    second: results checked out again lose their times). The first cell by file time has no gap.
+    Cells of the sweep's extensions (`sweep.extensions`) count too."""
+    files = [f for d in [path, *sweep.extensions(path)]
+             for f in glob.glob(os.path.join(d, "cells", "*.json"))]
     recorded = {f: json.load(open(f)).get("wall_s") for f in files}
     mtimes = {f: int(os.path.getmtime(f)) for f in files}
     counts = collections.Counter(mtimes.values())

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,24 @@ def load_cell(workdir: str, cell: Cell) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def extensions(workdir: str) -> list[str]:
+    """Extension workdirs inside `workdir` (any `workdir/<name>/cells/`): sweeps of some of the
+    same cells with more LRs or seeds, e.g. a grid widened where an optimum sat on its edge.
+    Their runs join the cells of `workdir` wherever those are read (`merged_cell`)."""
+    return sorted(os.path.dirname(d) for d in glob.glob(os.path.join(workdir, "*", "cells")))
+
+
+def merged_cell(workdir: str, cell: Cell, others: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The record of `cell` in `workdir` (None if unfinished) with the runs of the same cell in
+    `others` and in `workdir`'s extensions appended."""
+    record = load_cell(workdir, cell)
+    if record is not None:
+        for other in dict.fromkeys(os.path.normpath(d) for d in [*others, *extensions(workdir)]):
+            extra = load_cell(other, cell)
+            record["runs"] += extra["runs"] if extra is not None else []
+    return record
 
 
 def best_multipliers(workdir: str, config: Any, optimizer: str) -> tuple[dict, Multipliers]:
@@ -237,19 +256,11 @@ def run_sweep(config: Any, workdir: str) -> dict[str, Any]:
 
 def finished(config: Any, workdir: str) -> list[dict[str, Any]]:
     """The records of the finished LR cells of `config`'s plan, with the runs of the same cells in
-    `sweep.merge_workdirs` appended (sweeps of the same plan with other seeds, e.g. a third seed
-    run later into its own workdir)."""
-    cells = [c for c in plan(prepare(config)) if c.kind == "lr"]
-    records = []
-    for cell in cells:
-        record = load_cell(workdir, cell)
-        if record is None:
-            continue
-        for other in config.sweep.get("merge_workdirs", ()):
-            extra = load_cell(other, cell)
-            record["runs"] += extra["runs"] if extra is not None else []
-        records.append(record)
-    return records
+    `sweep.merge_workdirs` (sweeps of the same plan with other seeds, e.g. a third seed run later
+    into its own workdir) and in the workdir's extensions appended."""
+    others = config.sweep.get("merge_workdirs", ())
+    records = [merged_cell(workdir, c, others) for c in plan(prepare(config)) if c.kind == "lr"]
+    return [r for r in records if r is not None]
 
 
 def main(config: Any, workdir: str) -> int:

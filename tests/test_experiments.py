@@ -212,6 +212,23 @@ def test_finished_merges_the_seeds_of_other_workdirs(tmp_path):
     assert fam["best_loss_std"][0] == pytest.approx(0.5)
 
 
+def test_extension_folders_widen_the_grid_of_their_sweep(tmp_path):
+    """A sweep of the same cells with more LRs inside the workdir (here `wider/`): its runs join
+    the cells (once, also when named in merge_workdirs), so an optimum can leave the old edge."""
+    config = quick(sweeps_mlp_moe)
+    cells = [c for c in sweep.plan(config) if c.kind == "lr"]
+    for workdir, lrs in ((tmp_path, (0.1, 0.2)), (tmp_path / "wider", (0.4,))):
+        for cell in cells:
+            runs = [{"lr": lr, "seed": 0, "eval_loss": 1.0 - lr, "diverged": False} for lr in lrs]
+            sweep.write_atomic(sweep.cell_path(str(workdir), cell),
+                               {"cell": dataclasses.asdict(cell), "runs": runs})
+    assert sweep.extensions(str(tmp_path)) == [str(tmp_path / "wider")]
+    config.sweep.merge_workdirs = (str(tmp_path / "wider") + "/",)
+    records = sweep.finished(config, str(tmp_path))
+    assert all(sorted(r["lr"] for r in rec["runs"]) == [0.1, 0.2, 0.4] for rec in records)
+    assert summary.summarize(records)["adam"]["mssp"]["opt_lr"] == [0.4, 0.4]
+
+
 @pytest.mark.parametrize("grow, width, depth", [("width", 64, 2), ("depth", 32, 8), ("both", 64, 4)])
 def test_a_cell_grows_width_depth_or_both_and_names_its_depth_rule(grow, width, depth):
     c = sweeps_depth.get_config("grow=depth")
