@@ -3,10 +3,11 @@
 (a) MSSP's optimal LR does not move with scale; (b) MSSP's loss improves at every larger scale;
 (c) muP does not reliably do both (its optimum drifts, its loss is not monotone, or it learns
 later at larger scale); (d) SP's optimal LR drifts. A sweep directory is named
-`<regime>-<optimizer>-<constants>-<data>` (experiments/x16_campaign.sh) and holds the cells and
-summary that `run.py sweep` writes; runs in its extension folders (`sweep.extensions`: e.g. an LR
-grid widened where an optimum sat on the edge) join its cells. Error bars come from the seeds: the drift of each seed's own
-optimum (its range over seeds) and the seed std of the loss at the optimum.
+`<regime>-<optimizer>-<constants>-<data>[-<variant>]` (experiments/x16_campaign.sh; variant: soft)
+and holds the cells and summary that `run.py sweep` writes; runs in its extension folders
+(`sweep.extensions`: e.g. an LR grid widened where an optimum sat on the edge) join its cells.
+Error bars come from the seeds: the drift of each seed's own optimum (its range over seeds) and
+the seed std of the loss at the optimum.
 
     python3 -m experiments.claims --figures docs/figures/x16 --update docs/RESULTS.md
     python3 -m experiments.claims --results experiments/results/transformer_x8 \
@@ -42,6 +43,7 @@ class Sweep:
     table: dict[str, Any]  # summary.summarize output for the optimizer
     cells: dict[str, list[dict[str, Any]]]  # parameterization -> LR cells sorted by scale
     hours: WallTime  # on the 2-core machine
+    folder: str
 
     @property
     def complete(self) -> bool:
@@ -57,7 +59,8 @@ def load(results: str) -> list[Sweep]:
     """Every sweep under `results` with at least two finished scales of sp, mup and mssp."""
     sweeps = []
     for path in sorted(glob.glob(os.path.join(results, "*-*-*-*/"))):
-        regime, optimizer, constants, data = os.path.basename(path.rstrip("/")).split("-")
+        regime, optimizer, constants, data, *variant = os.path.basename(path.rstrip("/")).split("-")
+        data = " ".join([data, *variant])  # e.g. 'mnist1d soft': a routing variant of the sweep
         records = [sweep.merged_cell(path, sweep.Cell(**json.load(open(f))["cell"]))
                    for f in glob.glob(os.path.join(path, "cells", "lr-*.json"))]
         table = summary.summarize(records).get(optimizer, {})
@@ -65,7 +68,8 @@ def load(results: str) -> list[Sweep]:
             continue
         cells = {p: sorted((r for r in records if r["cell"]["parameterization"] == p),
                            key=lambda r: r["cell"]["scale"]) for p in table}
-        sweeps.append(Sweep(regime, optimizer, constants, data, table, cells, wall_hours(path)))
+        sweeps.append(Sweep(regime, optimizer, constants, data, table, cells, wall_hours(path),
+                            path.rstrip("/")))
     order = {"II": 0, "III": 1, "I": 2}
     return sorted(sweeps, key=lambda s: (s.data, s.constants, order[s.regime], s.optimizer))
 
@@ -256,13 +260,12 @@ def drift_figure(sweeps: list[Sweep], path: str) -> str:
     return plots._save(fig, path)
 
 
-def sweep_tables(sweeps: list[Sweep], results: str) -> str:
+def sweep_tables(sweeps: list[Sweep]) -> str:
     """Every sweep's full table (all parameterizations) and links to its figures."""
     out = []
     for s in sweeps:
-        folder = os.path.join(results, f"{s.regime}-{s.optimizer}-{s.constants}-{s.data}")
-        figs = sorted(glob.glob(os.path.join(folder, "figures", "*.png")))
-        out += [f"**{s.name}** ({s.hours}; `{folder}`)", "",
+        figs = sorted(glob.glob(os.path.join(s.folder, "figures", "*.png")))
+        out += [f"**{s.name}** ({s.hours}; `{s.folder}`)", "",
                 summary.format_table({s.optimizer: s.table}).split("\n\n")[0], "",
                 " ".join(f"[{os.path.basename(f)[:-4]}]({os.path.relpath(f, DOCS)})" for f in figs),
                 ""]
@@ -284,7 +287,7 @@ def report(results: str, figures: str | None) -> str:
            "**(d) SP's optimal LR drifts**", "", transfer_table(sweeps, "sp", True), "",
            "Wall time per sweep (2 shared cores, nice 19): " + "; ".join(
                f"{s.name} {s.hours}" for s in sweeps), "", "**Per sweep**", "",
-           sweep_tables(sweeps, results), summary.TABLE_NOTES]
+           sweep_tables(sweeps), summary.TABLE_NOTES]
     if figures and sweeps:
         os.makedirs(figures, exist_ok=True)
         path = drift_figure(sweeps, os.path.join(figures, "optimal_lr.png"))

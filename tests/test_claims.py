@@ -70,6 +70,14 @@ def test_report_gives_each_claim_its_verdict(results):
     assert verdict(8) == "agree"  # (d) SP drifts by 3
 
 
+def test_a_routing_variant_is_its_own_sweep(results):
+    (results / "II-adam-paper-mnist1d").rename(results / "II-adam-paper-mnist1d-soft")
+    (sweep,) = claims.load(str(results))
+    assert (sweep.name, sweep.folder) == ("II adam paper mnist1d soft",
+                                          str(results / "II-adam-paper-mnist1d-soft"))
+    assert f"`{sweep.folder}`" in claims.report(str(results), None)
+
+
 def test_an_mssp_optimum_that_moves_is_a_disagreement(results):
     path = results / "II-adam-paper-mnist1d" / "cells" / "lr-II-adam-mssp-x4.json"
     path.write_text(json.dumps(cell("mssp", 4, [3, 3])))
