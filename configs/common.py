@@ -66,7 +66,8 @@ def base_config(base_shape, *, parameterization: str = "mssp", regime: str = "II
     c.regime = regime  # 'I' | 'II' | 'III' | 'auto' (inferred from which ratios differ from 1)
     c.depth_scaling = ""  # '' (the preset's default) | 'none' | 'depth_mup' | 'completep'
     c.renormalize_gates = False
-    c.dispatch = "auto"  # 'auto' | 'dense' | 'sorted' | 'ragged' | 'capacity' | 'bucketed' (dispatch.py)
+    # 'auto' | 'dense' | 'sorted' | 'ragged' | 'capacity' | 'bucketed' (mssp_jax/dispatch.py)
+    c.dispatch = "auto"
     # dispatch='capacity' only (also on expert meshes): slots per expert = factor * T*K / M
     c.capacity_factor = 1.25
     # Behaviours where the reference differs from our defaults (docs/REPRODUCING.md says why):

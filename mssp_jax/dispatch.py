@@ -6,8 +6,8 @@ function with the same gradients (tested). They differ in cost:
 
 * `dense`: every expert on every token, masked by the gates; cost ~ M/K x the active FLOPs.
 * `sorted`: the T*K token-slots grouped by expert (a sort), each group padded to whole tiles of
-  `tile` rows (`default_tile`), one batched matmul over the tiles; cost ~ (T*K + M*tile) rows, i.e. the active
-  FLOPs plus the padding. The worst-case tile count is static, so it jits.
+  `tile` rows (`default_tile`), one batched matmul over the tiles; cost ~ (T*K + M*tile) rows,
+  i.e. the active FLOPs plus the padding. The worst-case tile count is static, so it jits.
 * `ragged`: the sorted slots through `jax.lax.ragged_dot` (grouped GEMM). Efficient where the
   backend has a grouped-GEMM kernel (GPU/TPU); XLA:CPU lowers it to work on every expert.
 * `capacity`: GShard/Switch buffers of ``ceil(capacity_factor * T*K / M)`` rows per expert; slots
@@ -78,7 +78,8 @@ def group_slots(idx: jax.Array, num_experts: int) -> Slots:
     num_slots = num_tokens * k
     expert = idx.T.reshape(-1)
     if num_experts * num_slots < PACKED_SORT_LIMIT:  # one int32 key sorts ~4x faster on CPU
-        order = jax.lax.sort(expert * num_slots + jnp.arange(num_slots, dtype=expert.dtype)) % num_slots
+        keys = expert * num_slots + jnp.arange(num_slots, dtype=expert.dtype)
+        order = jax.lax.sort(keys) % num_slots
     else:
         order = jnp.argsort(expert, stable=True)
     sizes = jnp.bincount(expert, length=num_experts)
@@ -117,7 +118,8 @@ def num_tiles(num_slots: int, num_experts: int, tile: int) -> int:
 def default_tile(num_slots: int, num_experts: int) -> int:
     """The power of two nearest T*K / (2M), within [8, 128]: padding then adds at most ~half the
     slots, and tiles stay large enough for efficient matmuls (measured on CPU: with T*K = 4096,
-    tiles of 64-128 rows were fastest at M = 8 and of 32 at M = 64; 8-row tiles were 4-8x slower)."""
+    tiles of 64-128 rows were fastest at M = 8 and of 32 at M = 64; 8-row tiles were 4-8x
+    slower)."""
     return int(2 ** np.clip(np.round(np.log2(max(num_slots / (2 * num_experts), 1))), 3, 7))
 
 
