@@ -82,8 +82,13 @@ def check_data(config: Any, data: dict[str, Batch]) -> None:
 
 
 def role_factors(labels: Any, factors: dict[str, float] | None) -> Any:
-    """A per-leaf float tree: `factors[role]` (default 1) for each parameter's role."""
+    """A per-leaf float tree: `factors[role]` (default 1) for each parameter's role. A role that
+    no parameter has is an error (a misspelt multiplier knob would otherwise do nothing)."""
     factors = factors or {}
+    roles = set(jax.tree.leaves(labels))
+    if set(factors) - roles:
+        raise ValueError(f"multiplier roles {sorted(set(factors) - roles)} are not roles of this "
+                         f"model: {sorted(roles)}")
     return jax.tree.map(lambda role: float(factors.get(role, 1.0)), labels)
 
 

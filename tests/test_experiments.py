@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import (sweeps_coord_check, sweeps_coord_check_transformer, sweeps_depth,
-                     sweeps_mlp_moe, sweeps_transformer_moe)
+                     sweeps_mlp_moe, sweeps_transformer_moe, sweeps_transformer_x8)
 from experiments import coord_check, summary, sweep, tasks
 from mssp_jax import coord, vmap_train
 from mssp_jax.scaling import ConfigError
@@ -210,6 +210,31 @@ def test_finished_merges_the_seeds_of_other_workdirs(tmp_path):
     assert fam["opt_lr"] == [0.1, 0.1]
     assert fam["best_loss"][0] == pytest.approx(1.6)  # mean of seed 0 (1.1) and seed 1 (2.1)
     assert fam["best_loss_std"][0] == pytest.approx(0.5)
+
+
+def test_transformer_base_tuning_runs_its_knobs_then_the_tuned_lr_cells(tmp_path):
+    """tune=base: the multiplier cell (every knob names a Transformer role, or training fails)
+    comes first and the MSSP LR cells carry its best point."""
+    config = sweeps_transformer_x8.get_config("regime=III,tune=base")
+    config.quick = True
+    config = sweep.prepare(config)
+    config.sweep.multipliers.use = ("lr_embedding", "init_hidden")
+    cells = sweep.plan(config)
+    assert cells[0] == sweep.Cell("mult", "III", "adam", "mssp", 1)
+    assert sweep.main(config, str(tmp_path)) == 0
+    mult = sweep.load_cell(str(tmp_path), cells[0])
+    assert [p["knobs"] for p in mult["points"]] == [
+        {}, {"lr_embedding": 0.25}, {"lr_embedding": 4.0}, {"init_hidden": 0.25},
+        {"init_hidden": 4.0}]
+    knobs, _ = sweep.best_multipliers(str(tmp_path), config, "adam")
+    assert sweep.load_cell(str(tmp_path), cells[1])["multiplier_knobs"] == knobs
+
+
+def test_a_multiplier_for_a_role_the_model_lacks_is_an_error():
+    labels = {"a": "embedding", "b": "readout"}
+    assert vmap_train.role_factors(labels, {"readout": 2.0}) == {"a": 1.0, "b": 2.0}
+    with pytest.raises(ValueError, match=r"\['input'\] are not roles of this model"):
+        vmap_train.role_factors(labels, {"input": 2.0})
 
 
 def test_extension_folders_widen_the_grid_of_their_sweep(tmp_path):
