@@ -46,18 +46,18 @@ SEQ, BATCH, VOCAB, TORCH_THREADS = 128, 16, 256, (2, 1)
 REFERENCE_DIR = "transformer-moe-experiments"
 
 
-def our_config(width: int, dispatch: str = "auto") -> Any:
+def our_config(width: int, dispatch_name: str = "auto") -> Any:
     """configs/transformer_moe.py at the timing shapes (its own base shape: constants 1)."""
     config = with_shape(transformer_moe.get_config(), width=width, expert_width=EXPERT_WIDTH,
                         num_experts=EXPERTS, top_k=TOP_K, depth=LAYERS)
-    config.batch_size, config.seq_len, config.dispatch = BATCH, SEQ, dispatch
+    config.batch_size, config.seq_len, config.dispatch = BATCH, SEQ, dispatch_name
     config.vocab_size, config.head_dim = VOCAB, HEAD_DIM
     return config
 
 
-def our_stepper(width: int, tokens: np.ndarray, dispatch: str) -> Callable[[int], None]:
+def our_stepper(width: int, tokens: np.ndarray, dispatch_name: str) -> Callable[[int], None]:
     """`steps` -> runs that many of our train steps (state carried over) and waits for them."""
-    program = train.setup(our_config(width, dispatch))
+    program = train.setup(our_config(width, dispatch_name))
     step = train.make_train_step(program)
     batch = program.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
     state = [train.init_state(program)]
@@ -113,10 +113,11 @@ def import_reference(path: Path) -> tuple[Any, Any] | str:
                               manager=importlib.import_module("manager")), torch
 
 
-def compare(ref: Any, torch: Any, width: int, steps: int, rounds: int, dispatch: str) -> str:
+def compare(ref: Any, torch: Any, width: int, steps: int, rounds: int,
+            dispatch_name: str) -> str:
     """One table row: our and the reference's ms/step and tokens/s, and our FLOP/s fraction."""
     tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 1))
-    ours = our_stepper(width, tokens, dispatch)
+    ours = our_stepper(width, tokens, dispatch_name)
     theirs = reference_stepper(ref, torch, width, tokens)
     a = jax.random.normal(jax.random.key(0), (1024, 1024))
     matmul = jax.jit(lambda m: m @ m)

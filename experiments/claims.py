@@ -61,7 +61,8 @@ def load(results: str) -> list[Sweep]:
     for path in sorted(glob.glob(os.path.join(results, "*-*-*-*/"))):
         regime, optimizer, constants, data, *variant = os.path.basename(path.rstrip("/")).split("-")
         data = " ".join([data, *variant])  # e.g. 'mnist1d soft': a routing variant of the sweep
-        records = [sweep.merged_cell(path, sweep.Cell(**json.load(open(f))["cell"]))
+        sources = sweep.run_sources(path)
+        records = [sweep.with_runs(json.load(open(f)), sources)
                    for f in glob.glob(os.path.join(path, "cells", "lr-*.json"))]
         table = summary.summarize(records).get(optimizer, {})
         if not all(len(table.get(p, {}).get("scales", ())) >= 2 for p in PARAMS):
@@ -194,8 +195,8 @@ def transfer_table(sweeps: list[Sweep], param: str, drifts: bool) -> str:
 def monotone_table(sweeps: list[Sweep]) -> str:
     """Claim (b): MSSP's best loss per scale, whether it falls at every step, and how many
     steps rise by more than the seed noise."""
-    lines = [HEAD + "best loss per scale (mean±std over seeds) | seeds | monotone | rises beyond noise "
-             "| verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [HEAD + "best loss per scale (mean±std over seeds) | seeds | monotone "
+             "| rises beyond noise | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         f = s.table["mssp"]
         verdict = "agree" if f["monotone_best"] else (

@@ -132,18 +132,21 @@ def load_cell(workdir: str, cell: Cell) -> dict[str, Any] | None:
 def extensions(workdir: str) -> list[str]:
     """Extension workdirs inside `workdir` (any `workdir/<name>/cells/`): sweeps of some of the
     same cells with more LRs or seeds, e.g. a grid widened where an optimum sat on its edge.
-    Their runs join the cells of `workdir` wherever those are read (`merged_cell`)."""
+    Their runs join the cells of `workdir` wherever those are read (`run_sources`)."""
     return sorted(os.path.dirname(d) for d in glob.glob(os.path.join(workdir, "*", "cells")))
 
 
-def merged_cell(workdir: str, cell: Cell, others: Sequence[str] = ()) -> dict[str, Any] | None:
-    """The record of `cell` in `workdir` (None if unfinished) with the runs of the same cell in
-    `others` and in `workdir`'s extensions appended."""
-    record = load_cell(workdir, cell)
-    if record is not None:
-        for other in dict.fromkeys(os.path.normpath(d) for d in [*others, *extensions(workdir)]):
-            extra = load_cell(other, cell)
-            record["runs"] += extra["runs"] if extra is not None else []
+def run_sources(workdir: str, others: Sequence[str] = ()) -> list[str]:
+    """The workdirs whose runs join `workdir`'s cells: `others`, then its extensions, each once."""
+    return list(dict.fromkeys(os.path.normpath(d) for d in [*others, *extensions(workdir)]))
+
+
+def with_runs(record: dict[str, Any], sources: Sequence[str]) -> dict[str, Any]:
+    """`record` with the runs of the same cell in each of `sources` appended."""
+    cell = Cell(**record["cell"])
+    for source in sources:
+        extra = load_cell(source, cell)
+        record["runs"] += extra["runs"] if extra is not None else []
     return record
 
 
@@ -258,9 +261,9 @@ def finished(config: Any, workdir: str) -> list[dict[str, Any]]:
     """The records of the finished LR cells of `config`'s plan, with the runs of the same cells in
     `sweep.merge_workdirs` (sweeps of the same plan with other seeds, e.g. a third seed run later
     into its own workdir) and in the workdir's extensions appended."""
-    others = config.sweep.get("merge_workdirs", ())
-    records = [merged_cell(workdir, c, others) for c in plan(prepare(config)) if c.kind == "lr"]
-    return [r for r in records if r is not None]
+    sources = run_sources(workdir, config.sweep.get("merge_workdirs", ()))
+    records = [load_cell(workdir, c) for c in plan(prepare(config)) if c.kind == "lr"]
+    return [with_runs(r, sources) for r in records if r is not None]
 
 
 def main(config: Any, workdir: str) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -189,7 +189,7 @@ def bucket_capacities(num_slots: int, num_experts: int) -> list[int]:
             if c < num_slots and num_experts * c <= MAX_BUFFER_OVER_TILES * tile_rows]
 
 
-def bucket_index(sizes: jax.Array, caps: list[int]) -> jax.Array:
+def bucket_index(sizes: jax.Array, caps: Sequence[int]) -> jax.Array:
     """The branch `bucketed` runs: the first capacity holding the busiest expert, len(caps)
     (sorted tiles) when none does."""
     busiest = jnp.max(sizes)
@@ -202,7 +202,7 @@ def bucketed(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array,
     num_experts = w_up.shape[0]
     slots = group_slots(idx, num_experts)
     caps = tuple(bucket_capacities(idx.size, num_experts))
-    y = _switched_slots(act, caps, bucket_index(slots.sizes, list(caps)), x, w_up, w_down, slots)
+    y = _switched_slots(act, caps, bucket_index(slots.sizes, caps), x, w_up, w_down, slots)
     return _combine(y, weights)
 
 
