@@ -226,7 +226,9 @@ def load() -> str:
 
 def table(rows: list[Row]) -> str:
     lines = ["| ratio | measured | target | medians (A / B) |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.ratio:.2f} | {r.target} | {r.detail} |" for r in rows]
+    # two decimals, or two significant digits below 0.1 (a loaded machine's tiny ratios not 0.00)
+    lines += [f"| {r.name} | {r.ratio:.2f} | {r.target} | {r.detail} |" if r.ratio >= 0.1 else
+              f"| {r.name} | {r.ratio:.2g} | {r.target} | {r.detail} |" for r in rows]
     return "\n".join(lines)
 
 
