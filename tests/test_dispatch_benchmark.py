@@ -1,9 +1,10 @@
 """`benchmarks/run.py --quick` produces every ratio row, finite, in the markdown file it writes;
-`benchmarks/reference_step.py` skips cleanly without torch or the reference checkout."""
+`benchmarks/reference_step.py` skips cleanly without torch or the reference checkout;
+`benchmarks/step_profile.py` sums op self-times by kind exactly."""
 
 import math
 
-from benchmarks import reference_step, run
+from benchmarks import reference_step, run, step_profile
 
 ROWS = [  # every ratio the issue asks for (quick mode measures dispatch=auto only)
     "MoE / dense-FFN train step, dispatch=auto",
@@ -34,3 +35,26 @@ def test_quick_benchmark_writes_every_row(tmp_path, capsys):
 def test_reference_step_skips_cleanly_without_a_checkout(tmp_path, capsys):
     assert reference_step.main([str(tmp_path)]) == 0
     assert "reference_step: skipped" in capsys.readouterr().out
+
+
+def test_step_profile_kinds():
+    assert step_profile.kind("dot_general.112") == step_profile.kind("dot.67") == "dot"
+    assert step_profile.kind("wrapped_reduce-window.3").startswith("reduce-window")
+    assert step_profile.kind("bitcast_gather_fusion.9") == "gather / scatter"
+    assert step_profile.kind("transpose_copy_fusion") == "copy / transpose"
+    assert step_profile.kind("cond.55.clone").startswith("control flow")
+    assert step_profile.kind("multiply_add_fusion").startswith("other")
+
+
+def test_step_profile_self_times_subtract_nested_ops():
+    def event(name, ts, dur, tid=1):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": tid}
+    events = [event("ThunkExecutor::Execute", 0, 100),  # encloses everything: not an op
+              event("cond.1", 0, 50), event("dot.2", 5, 20), event("gather_fusion.3", 30, 10),
+              event("dot_general.4", 60, 30), event("add_fusion.5", 0, 40, tid=2),
+              {"ph": "i", "name": "dot.9", "ts": 1, "pid": 7, "tid": 1}]  # instant: not timed
+    totals = step_profile.self_times(events)
+    assert totals["dot"] == 50 and totals["gather / scatter"] == 10
+    assert totals["control flow (cond, while)"] == 20  # 50 less its children's 30
+    assert totals["other fusions (elementwise, reductions)"] == 40
+    assert sum(totals.values()) == 120
