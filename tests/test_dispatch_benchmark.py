@@ -58,3 +58,15 @@ def test_step_profile_self_times_subtract_nested_ops():
     assert totals["control flow (cond, while)"] == 20  # 50 less its children's 30
     assert totals["other fusions (elementwise, reductions)"] == 40
     assert sum(totals.values()) == 120
+
+
+def test_step_profile_skips_cleanly_without_xprof(monkeypatch, capsys):
+    real_import = step_profile.importlib.import_module
+
+    def without_xprof(name, *args):
+        if name.startswith("xprof"):
+            raise ImportError(name)
+        return real_import(name, *args)
+    monkeypatch.setattr(step_profile.importlib, "import_module", without_xprof)
+    assert step_profile.main(["--steps", "1"]) == 0
+    assert "step_profile: skipped (xprof is not installed" in capsys.readouterr().out
