@@ -17,8 +17,8 @@ function with the same gradients (tested). They differ in cost:
   `CAPACITY_BUCKETS` that holds the busiest expert, `sorted` when none does (`jax.lax.switch`:
   one branch runs). On CPU a [M, C] buffer costs 2-4x less than sorted tiles (no per-tile weight
   copies, M batch items instead of ~T*K/tile + M), so balanced routing runs at capacity's speed.
-  Under `vmap` with per-run routing the switch becomes a select that runs every branch, so
-  batched programs use `AUTO_BATCHED`.
+  Under `vmap` with per-run routing a switch would become a select that runs every branch, so
+  the vmapped switch runs sorted tiles for every run instead (`jax.custom_batching.custom_vmap`).
 
 `get("auto")` is the fastest exact one for `jax.default_backend()` (see docs/BENCHMARKS.md).
 """
@@ -39,7 +39,6 @@ Activation = Callable[[jax.Array], jax.Array]
 
 DEFAULT_CAPACITY_FACTOR = 1.25  # GShard / Switch default
 AUTO = {"cpu": "bucketed", "gpu": "ragged", "tpu": "ragged"}  # fastest exact dispatch per backend
-AUTO_BATCHED = {"cpu": "sorted", "gpu": "ragged", "tpu": "ragged"}  # ... for vmapped routings
 # capacity factors `bucketed` tries, smallest first, and the largest buffer it uses relative to
 # sorted tiles' worst-case rows. Measured on CPU (T*K = 4096, N 128, N_e 256, train step of the
 # layer): a 1.5x buffer cost 0.41-0.78x sorted tiles at M = 8..64; a 2x buffer 0.52x at M = 64,
@@ -206,10 +205,30 @@ def bucketed(x: jax.Array, w_up: jax.Array, w_down: jax.Array, idx: jax.Array,
     return _combine(y, weights)
 
 
-def _bucket_branches(act: Activation, caps: tuple[int, ...], slots: Slots) -> list[Callable]:
-    """(x, w_up, w_down) -> each slot's output, one per buffer size, then sorted tiles."""
-    return ([functools.partial(_buffered_slots, slots=slots, act=act, cap=c) for c in caps]
-            + [functools.partial(_tiled_slots, slots=slots, act=act)])
+def _bucket_branches(act: Activation, caps: tuple[int, ...]) -> list[Callable]:
+    """(x, w_up, w_down, slots) -> each slot's output, one per buffer size, then sorted tiles."""
+    return ([functools.partial(_buffered_slots, act=act, cap=c) for c in caps]
+            + [functools.partial(_tiled_slots, act=act)])
+
+
+def _switch_or_tiles(branches: Sequence[Callable], index: jax.Array, *operands: Any) -> Any:
+    """`lax.switch(index, branches, *operands)`; the last branch must compute what every branch
+    does. Vmapped, a switch with a batched index becomes a select that runs every branch, so the
+    batched call runs the last branch (sorted tiles, exact for any routing) for every run."""
+
+    @jax.custom_batching.custom_vmap
+    def switch(index: jax.Array, operands: tuple) -> Any:
+        return jax.lax.switch(index, branches, *operands)
+
+    @switch.def_vmap
+    def last_branch_for_every_run(axis_size: int, in_batched: tuple, index: jax.Array,
+                                  operands: tuple) -> tuple[Any, bool]:
+        del axis_size, index  # the last branch is exact whatever branch the index names
+        axes = jax.tree.map(lambda batched: 0 if batched else None, in_batched[1])
+        out = jax.vmap(lambda ops: branches[-1](*ops), in_axes=(axes,))(operands)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return switch(index, operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -219,7 +238,7 @@ def _switched_slots(act: Activation, caps: tuple[int, ...], index: jax.Array, x:
     every branch output every branch's residuals (zeros where not taken), which cost more than
     sorted tiles (measured 48 vs 28 ms, M = 8); here the backward re-runs the taken branch's
     forward inside its VJP, saving only the inputs."""
-    return jax.lax.switch(index, _bucket_branches(act, caps, slots), x, w_up, w_down)
+    return _switch_or_tiles(_bucket_branches(act, caps), index, x, w_up, w_down, slots)
 
 
 def _switched_slots_fwd(act, caps, index, x, w_up, w_down, slots):
@@ -229,9 +248,13 @@ def _switched_slots_fwd(act, caps, index, x, w_up, w_down, slots):
 
 def _switched_slots_bwd(act, caps, residuals, cotangent):
     index, x, w_up, w_down, slots = residuals
-    pullbacks = [lambda x, w_up, w_down, ct, branch=branch: jax.vjp(branch, x, w_up, w_down)[1](ct)
-                 for branch in _bucket_branches(act, caps, slots)]
-    grads = jax.lax.switch(index, pullbacks, x, w_up, w_down, cotangent)
+
+    def pullback(branch: Callable) -> Callable:
+        return lambda x, w_up, w_down, slots, ct: jax.vjp(
+            lambda *weights: branch(*weights, slots), x, w_up, w_down)[1](ct)
+
+    grads = _switch_or_tiles([pullback(b) for b in _bucket_branches(act, caps)], index,
+                             x, w_up, w_down, slots, cotangent)
     return (None, *grads, None)
 
 
@@ -254,9 +277,9 @@ def names() -> list[str]:
     return ["auto", *_REGISTRY]
 
 
-def auto_name(batched: bool = False) -> str:
-    """What 'auto' names on the default backend; `batched`: for programs vmapped over routings."""
-    return (AUTO_BATCHED if batched else AUTO).get(jax.default_backend(), "sorted")
+def auto_name() -> str:
+    """What 'auto' names on the default backend."""
+    return AUTO.get(jax.default_backend(), "sorted")
 
 
 @functools.cache

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mssp_jax import compiler, dispatch, factory
+from mssp_jax import compiler, factory
 from mssp_jax.losses import loss_fn
 from mssp_jax.params import role_labels
 
@@ -49,12 +49,9 @@ class SweepResult:
 
 
 def unit_lr_config(config: Any) -> Any:
-    """A copy of `config` whose base LR is 1 (the run's LR multiplies the update instead), and
-    whose 'auto' dispatch is the one for vmapped routings (`dispatch.AUTO_BATCHED`)."""
+    """A copy of `config` whose base LR is 1 (the run's LR multiplies the update instead)."""
     unit = config.copy_and_resolve_references()
     unit.optimizer.learning_rate = 1.0
-    if unit.get("dispatch", "auto") == "auto":
-        unit.dispatch = dispatch.auto_name(batched=True)
     return unit
 
 

@@ -1,6 +1,7 @@
 """Every dispatch computes the dense function (outputs and gradients); capacity drops the overflow."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -158,18 +159,34 @@ def test_capacity_priority_is_first_choices_first():
 def test_auto_is_an_exact_registered_dispatch():
     assert dispatch.get("auto") is dispatch.get(dispatch.AUTO[jax.default_backend()])
     assert dispatch.AUTO[jax.default_backend()] != "capacity"
-    assert dispatch.AUTO_BATCHED[jax.default_backend()] not in ("capacity", "bucketed")
 
 
-def test_vmapped_sweeps_resolve_auto_to_the_batched_choice():
-    """A switch on per-run routing runs every branch under vmap: sweeps must not get `bucketed`."""
-    from mssp_jax import vmap_train
+def test_vmapped_bucketed_runs_sorted_tiles_for_every_run():
+    """Under vmap over per-run routings (the LR/seed sweeps) a switch would become a select that
+    runs every branch: `bucketed` runs only the sorted tiles, and stays exact, outputs and
+    gradients, whether the weights are batched or shared."""
+    runs, (t, n, ne, m, k) = 3, (64, 8, 4, 8, 2)
+    per_run = [problem(t, n, ne, m, k, seed=s) for s in range(runs)]
+    x, w_up, w_down, idx, weights = (jnp.stack(a) for a in zip(*per_run))
+    assert len(dispatch.bucket_capacities(t * k, m)) > 0  # there are buffers to switch between
 
-    config = mlp_moe.get_config()
-    assert config.dispatch == "auto"
-    assert vmap_train.unit_lr_config(config).dispatch == dispatch.auto_name(batched=True)
-    config.dispatch = "dense"
-    assert vmap_train.unit_lr_config(config).dispatch == "dense"
+    def loss(fn, x, w_up, w_down, idx, weights):
+        return jnp.sum(jnp.sin(fn(x, w_up, w_down, idx, weights, jax.nn.gelu)))
+
+    for shared in (False, True):
+        axes = (0, None, None, 0, 0) if shared else 0
+        ws = (w_up[0], w_down[0]) if shared else (w_up, w_down)
+        results, dots = {}, {}
+        for name in ("bucketed", "sorted", "dense"):
+            fn = functools.partial(loss, dispatch.get(name))
+            batched = jax.vmap(jax.value_and_grad(fn, argnums=(0, 1, 2, 4)), in_axes=axes)
+            results[name] = jax.jit(batched)(x, *ws, idx, weights)
+            hlo = jax.jit(batched).lower(x, *ws, idx, weights).compile().as_text()
+            dots[name] = len(re.findall(r"= \S+ dot\(", hlo))
+        assert dots["bucketed"] == dots["sorted"]  # all branches run: 26 against 8 (shared: False)
+        for got, want in zip(jax.tree.leaves(results["bucketed"]),
+                             jax.tree.leaves(results["dense"])):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_get_errors_name_the_allowed_values():
