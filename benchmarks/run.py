@@ -227,8 +227,8 @@ def load() -> str:
 def table(rows: list[Row]) -> str:
     lines = ["| ratio | measured | target | medians (A / B) |", "|---|---|---|---|"]
     # two decimals, or two significant digits below 0.1 (a loaded machine's tiny ratios not 0.00)
-    lines += [f"| {r.name} | {r.ratio:.2f} | {r.target} | {r.detail} |" if r.ratio >= 0.1 else
-              f"| {r.name} | {r.ratio:.2g} | {r.target} | {r.detail} |" for r in rows]
+    lines += [f"| {r.name} | {r.ratio:{'.2f' if r.ratio >= 0.1 else '.2g'}} | {r.target} | "
+              f"{r.detail} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -277,11 +277,6 @@ def names() -> list[str]:
     return ["auto", *_REGISTRY]
 
 
-def auto_name() -> str:
-    """What 'auto' names on the default backend."""
-    return AUTO.get(jax.default_backend(), "sorted")
-
-
 @functools.cache
 def get(name: str, **options: float) -> Dispatch:
     """The dispatch called `name`; 'auto' is the fastest exact one for the default backend.
@@ -290,7 +285,7 @@ def get(name: str, **options: float) -> Dispatch:
     equal requests return the same object (a model's dispatch is static graph data).
     """
     if name == "auto":
-        name = auto_name()
+        name = AUTO.get(jax.default_backend(), "sorted")
     if name not in _REGISTRY:
         raise ValueError(f"dispatch must be one of {names()}, got {name!r}")
     allowed = _OPTIONS.get(name, ())
