@@ -25,6 +25,9 @@ def sweep_fields(*, scales, parameterizations, optimizers, seeds, lr_grids):
         # parameterizations: preset names, or 'preset+depth rule' (e.g. 'mssp+completep')
         only_summarize=False,  # True: summarise/plot the finished cells, train nothing
         merge_workdirs=(),  # workdirs of the same plan with other seeds: their runs are merged
+        # Grid widening: while a family's optimum sits on an end of its LR grid at some scale, up
+        # to `extend_edges` rounds add `extend_by` LRs beyond that end (same spacing, every scale)
+        extend_edges=0, extend_by=2,
         # Multiplier sweep at the base shape: each knob ([kind, roles...]) in `use` is set to each
         # of `factors` with the others at 1 (a one-at-a-time grid); every point runs the LR grid.
         multipliers=ml_collections.ConfigDict(dict(

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None):
     c.sweep = sweeps_mlp_moe.sweep_fields(
         scales=(1, 2, 4, 8), parameterizations=("sp", "mup", "mssp"), optimizers=("adam",),
         seeds=(0, 1, 2), lr_grids={"adam": LR_GRID, "sgd": LR_GRID})
+    c.sweep.extend_edges = 2  # an optimum on a grid end: 2 more LRs beyond it, twice at most
     c.sweep.multipliers.enabled = args["tune"] == "base"
     if c.sweep.multipliers.enabled:
         c.sweep.parameterizations = ("mssp",)
@@ -56,5 +57,6 @@ def get_config(arg: str | None = None):
     c.quick_overrides = dict(
         steps=4, batch_size=2, eval_size=4, seq_len=8,
         sweep=dict(scales=(1, 2), parameterizations=("mssp",), seeds=(0,), early_steps=2,
+                   extend_edges=0,
                    lr_grids={"adam": (1e-3, 1e30), "sgd": (1e-3, 1e30)}))
     return c

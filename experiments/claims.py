@@ -78,7 +78,7 @@ def load(results: str) -> list[Sweep]:
 def seed_drifts(cells: list[dict[str, Any]]) -> list[int]:
     """Each seed's own drift: grid steps between its lowest and highest optimal LR over scales
     (a diverged run never is an optimum)."""
-    tables = [summary.loss_table(c["runs"])[1] for c in cells]  # [lr, seed] per scale
+    tables = summary.family_tables(cells)[1]  # [lr, seed] per scale, on one grid
     drifts = []
     for s in range(min(t.shape[1] for t in tables)):
         idx = [int(np.nanargmin(t[:, s])) for t in tables if not np.isnan(t[:, s]).all()]
@@ -247,8 +247,8 @@ def drift_figure(sweeps: list[Sweep], path: str) -> str:
             f = s.table[p]
             shift = 0.1 * (k - 1)  # equal optima stay visible side by side
             idx = np.array([np.nan if i is None else i for i in f["opt_index"]], float) + shift
-            per_seed = np.array([[np.nanargmin(summary.loss_table(c["runs"])[1][:, j])
-                                  for j in range(min(f["seeds"]))] for c in s.cells[p]], float)
+            per_seed = np.array([[np.nanargmin(t[:, j]) for j in range(min(f["seeds"]))]
+                                 for t in summary.family_tables(s.cells[p])[1]], float)
             line, = ax.plot(f["scales"], idx, marker="o", label=p)
             ax.fill_between(f["scales"], per_seed.min(1) + shift, per_seed.max(1) + shift,
                             color=line.get_color(), alpha=0.15)

@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 
 
-def loss_table(runs: list[dict[str, Any]]) -> tuple[list[float], np.ndarray]:
-    """(sorted LRs, eval loss [lr, seed]) with NaN for diverged runs."""
-    lrs = sorted({r["lr"] for r in runs})
+def loss_table(runs: list[dict[str, Any]], lrs: list[float] | None = None
+               ) -> tuple[list[float], np.ndarray]:
+    """(sorted LRs, eval loss [lr, seed]) with NaN for diverged runs and for LRs of `lrs` (default:
+    the LRs of `runs`) that were not run."""
+    lrs = sorted({r["lr"] for r in runs}) if lrs is None else lrs
     seeds = sorted({r["seed"] for r in runs})
     table = np.full((len(lrs), len(seeds)), np.nan)
     for r in runs:
@@ -43,11 +45,23 @@ def best_of_grid(runs: list[dict[str, Any]]) -> tuple[float, float]:
     return lrs[i], float(mean[i])
 
 
+def family_tables(records: list[dict[str, Any]]) -> tuple[list[float], list[np.ndarray]]:
+    """(every LR run at any scale, sorted; each record's loss table on that common grid): grid
+    steps mean the same at every scale even where a grid was widened at some scales only."""
+    lrs = sorted({run["lr"] for r in records for run in r["runs"]})
+    return lrs, [loss_table(r["runs"], lrs)[1] for r in records]
+
+
+def at_grid_edge(lrs: list[float], runs: list[dict[str, Any]], index: int | None) -> bool:
+    """Whether the optimum `lrs[index]` is the smallest or largest LR run in `runs`."""
+    ran = {r["lr"] for r in runs}
+    return index is not None and lrs[index] in (min(ran), max(ran))
+
+
 def family_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Summary of one (parameterization, optimizer) over its scales (records sorted by scale)."""
     scales = [r["cell"]["scale"] for r in records]
-    lrs, _ = loss_table(records[0]["runs"])
-    tables = [loss_table(r["runs"])[1] for r in records]
+    lrs, tables = family_tables(records)
     means = [seed_mean(t) for t in tables]
     opt_idx = [int(np.nanargmin(m)) if not np.isnan(m).all() else None for m in means]
     valid = [i for i in opt_idx if i is not None]
@@ -62,10 +76,11 @@ def family_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_loss": [[None if np.isnan(x) else float(x) for x in m] for m in means],
         "std_loss": [[None if np.isnan(x) else float(x) for x in seed_std(t)] for t in tables],
         "seeds": [t.shape[1] for t in tables],
-        "diverged": [[int(x) for x in np.isnan(t).sum(-1)] for t in tables],
+        "diverged": [[sum(run["lr"] == lr and (run["diverged"] or run["eval_loss"] is None)
+                          for run in r["runs"]) for lr in lrs] for r in records],
         "opt_lr": [lrs[i] if i is not None else None for i in opt_idx],
         "opt_index": opt_idx,
-        "opt_at_grid_edge": [i is not None and i in (0, len(lrs) - 1) for i in opt_idx],
+        "opt_at_grid_edge": [at_grid_edge(lrs, r["runs"], i) for r, i in zip(records, opt_idx)],
         "drift_steps": (max(valid) - min(valid)) if valid else None,
         "best_loss": best, "best_loss_std": best_std,
         "loss_at_base_opt_lr": at_base,

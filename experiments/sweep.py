@@ -8,6 +8,9 @@ SIGTERM or SIGINT (Ctrl-C) stops the sweep once the cell in progress is written 
 interrupt its XLA program); a second one acts as it would without us (SIGTERM kills at once, and
 the interrupted cell runs again on the next run).
 
+Where a family's optimum sits on the first or last LR of its grid, ``sweep.extend_edges`` rounds
+widen that end (`edge_work`) into extension folders ``<workdir>/edge-<round>/``.
+
 Before the LR cells, a multiplier sweep at the base shape (``kind = mult``) tries per-role
 init / LR multipliers one knob at a time; its best point is written into the ``tuned`` fields of
 every LR cell's table (the same constants at every scale, as a base-tuned hyperparameter must be).
@@ -136,9 +139,75 @@ def extensions(workdir: str) -> list[str]:
     return sorted(os.path.dirname(d) for d in glob.glob(os.path.join(workdir, "*", "cells")))
 
 
-def run_sources(workdir: str, others: Sequence[str] = ()) -> list[str]:
-    """The workdirs whose runs join `workdir`'s cells: `others`, then its extensions, each once."""
-    return list(dict.fromkeys(os.path.normpath(d) for d in [*others, *extensions(workdir)]))
+def run_sources(workdir: str, others: Sequence[str] = (), before_round: int | None = None
+                ) -> list[str]:
+    """The workdirs whose runs join `workdir`'s cells: `others`, then its extensions, each once;
+    with `before_round`, only the edge rounds before it (what that round was planned from)."""
+    def wanted(d: str) -> bool:
+        r = edge_round(d)
+        return before_round is None or r is None or r < before_round
+    return list(dict.fromkeys(os.path.normpath(d) for d in [*others, *extensions(workdir)]
+                              if wanted(d)))
+
+
+EDGE_FOLDER = "edge-"  # + the round: where `edge_work` writes the LRs it adds
+
+
+def edge_round(folder: str) -> int | None:
+    """The round of an edge-widening folder (`<workdir>/edge-2` -> 2); None for other folders."""
+    name = os.path.basename(os.path.normpath(folder))
+    tail = name[len(EDGE_FOLDER):]
+    return int(tail) if name.startswith(EDGE_FOLDER) and tail.isdigit() else None
+
+
+def grid_ratio(lrs: Sequence[float]) -> float:
+    """The constant ratio of a geometric LR grid (raises ConfigError for any other grid)."""
+    ratios = np.asarray(lrs[1:]) / np.asarray(lrs[:-1])
+    if len(lrs) < 2 or not np.allclose(ratios, ratios[0], rtol=1e-6) or ratios[0] <= 1:
+        raise ConfigError(f"sweep.extend_edges needs increasing geometric LR grids, got {list(lrs)}")
+    return float(ratios[0])
+
+
+def widened(records: list[dict[str, Any]], ratio: float, count: int) -> list[float]:
+    """The LRs one round adds to a family (its records over scales): `count` grid steps beyond
+    each end of its grid (all its scales' LRs) where some scale's seed-mean optimum sits on that
+    end; [] if none does."""
+    lrs, tables = summary.family_tables(records)
+    opt = {int(np.nanargmin(m)) for m in map(summary.seed_mean, tables) if not np.isnan(m).all()}
+    return ([lrs[0] / ratio ** k for k in range(count, 0, -1)] * (0 in opt) +
+            [lrs[-1] * ratio ** k for k in range(1, count + 1)] * (len(lrs) - 1 in opt))
+
+
+def edge_work(config: Any, workdir: str, round_: int) -> list[tuple[str, Cell, list[float]]]:
+    """Round `round_` of grid widening: for each LR family whose cells (with the earlier rounds'
+    runs) are all finished, the LRs `widened` adds, at every scale of the family (one grid at every
+    scale keeps the drift in grid steps comparable), as (cell file, cell, LRs)."""
+    s, folder = config.sweep, os.path.join(workdir, f"{EDGE_FOLDER}{round_}")
+    sources = run_sources(workdir, s.get("merge_workdirs", ()), before_round=round_)
+    families: dict[tuple[str, str], list[Cell]] = {}
+    for cell in plan(config):
+        if cell.kind == "lr":
+            families.setdefault((cell.parameterization, cell.optimizer), []).append(cell)
+    work = []
+    for (_, opt), cells in families.items():
+        records = [load_cell(workdir, c) for c in cells]
+        if any(r is None for r in records):
+            continue
+        lrs = widened([with_runs(r, sources) for r in records],
+                      grid_ratio(s.lr_grids[opt]), s.get("extend_by", 2))
+        work += [(cell_path(folder, c), c, lrs) for c in cells] if lrs else []
+    return work
+
+
+def all_work(config: Any, workdir: str) -> Iterator[tuple[str, Cell, list[float] | None]]:
+    """Every (cell file, cell, LRs; None: the config's grid) of the sweep in order: the plan, then
+    the edge rounds, each planned lazily from the finished cells before it."""
+    yield from ((cell_path(workdir, c), c, None) for c in plan(config))
+    for round_ in range(1, config.sweep.get("extend_edges", 0) + 1):
+        work = edge_work(config, workdir, round_)
+        if not work:
+            return
+        yield from work
 
 
 def with_runs(record: dict[str, Any], sources: Sequence[str]) -> dict[str, Any]:
@@ -160,11 +229,13 @@ def best_multipliers(workdir: str, config: Any, optimizer: str) -> tuple[dict, M
     return best["knobs"], best["multipliers"]
 
 
-def run_cell(config: Any, cell: Cell, data: dict, workdir: str) -> dict[str, Any]:
-    """Trains one cell and returns its JSON record."""
+def run_cell(config: Any, cell: Cell, data: dict, workdir: str,
+             lrs: Sequence[float] | None = None) -> dict[str, Any]:
+    """Trains one cell over `lrs` (default: the config's grid) and returns its JSON record."""
     start = time.monotonic()
     c = cell_config(config, cell)
-    s, lrs = config.sweep, list(config.sweep.lr_grids[cell.optimizer])
+    s = config.sweep
+    lrs = list(s.lr_grids[cell.optimizer] if lrs is None else lrs)
     record = {"cell": dataclasses.asdict(cell), "shape": c.shape.to_dict(), "task": c.task,
               "steps": c.steps, "batch_size": c.batch_size}
     if cell.kind == "mult":
@@ -213,6 +284,13 @@ def validate(config: Any) -> None:
     """Every cell's config, before any cell trains (raises ConfigError)."""
     if config.sweep.get("grow", "width") not in GROW:
         raise ConfigError(f"sweep.grow must be one of {list(GROW)}, got {config.sweep.grow!r}")
+    for name, default, least in (("extend_edges", 0, 0), ("extend_by", 2, 1)):
+        value = config.sweep.get(name, default)
+        if not isinstance(value, int) or value < least:
+            raise ConfigError(f"sweep.{name} must be an integer >= {least}, got {value!r}")
+    if config.sweep.get("extend_edges", 0):
+        for opt in config.sweep.optimizers:
+            grid_ratio(config.sweep.lr_grids[opt])
     for cell in plan(config):
         factory.validate(cell_config(config, cell))
 
@@ -245,15 +323,17 @@ def run_sweep(config: Any, workdir: str) -> dict[str, Any]:
     data = tasks.load(config)
     ran, skipped, budget = [], [], config.sweep.get("max_cells", 0)
     with stop_requests() as stop:
-        for cell in plan(config):
-            if os.path.exists(cell_path(workdir, cell)):
-                skipped.append(cell.key)
+        for path, cell, lrs in all_work(config, workdir):
+            name = os.path.relpath(path, workdir).replace(f"cells{os.sep}", "")[:-len(".json")]
+            if os.path.exists(path):
+                skipped.append(name)
                 continue
             if stop or (budget and len(ran) >= budget):
                 break
-            print(f"[sweep] {cell.key}", flush=True)
-            write_atomic(cell_path(workdir, cell), run_cell(config, cell, data, workdir))
-            ran.append(cell.key)
+            print(f"[sweep] {name}" + (f" (LRs {', '.join(f'{x:.3g}' for x in lrs)})"
+                                       if lrs else ""), flush=True)
+            write_atomic(path, run_cell(config, cell, data, workdir, lrs))
+            ran.append(name)
     return {"ran": ran, "skipped": skipped, "stopped_by": stop[0] if stop else None}
 
 

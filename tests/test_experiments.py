@@ -272,3 +272,69 @@ def test_sweep_rejects_an_unknown_growth_axis():
     c.sweep.grow = "height"
     with pytest.raises(ConfigError, match=r"sweep.grow must be one of \['width', 'depth', 'both'\]"):
         sweep.validate(c)
+
+
+def _record(cell: sweep.Cell, losses: dict[float, float]) -> dict:
+    return {"cell": dataclasses.asdict(cell),
+            "runs": [{"lr": lr, "seed": 0, "eval_loss": loss, "diverged": loss is None}
+                     for lr, loss in losses.items()]}
+
+
+def test_widened_adds_grid_steps_beyond_each_end_that_holds_an_optimum():
+    cell = sweep.Cell("lr", "II", "sgd", "sp", 1)
+    interior = _record(cell, {0.25: 2.0, 0.5: 1.0, 1.0: 3.0})
+    high = _record(cell, {0.25: 3.0, 0.5: 2.0, 1.0: 1.0})
+    low = _record(cell, {0.25: 1.0, 0.5: 2.0, 1.0: None})  # the top diverged: low end only
+    assert sweep.widened([interior, interior], 2.0, 2) == []
+    assert sweep.widened([interior, high], 2.0, 2) == [2.0, 4.0]  # one scale is enough
+    assert sweep.widened([low, high], 2.0, 1) == [0.125, 2.0]
+    assert sweep.widened([low], 2.0, 3) == [0.03125, 0.0625, 0.125]
+    with pytest.raises(ConfigError, match="increasing geometric LR grids"):
+        sweep.grid_ratio((0.1, 0.2, 0.5))
+
+
+def test_edge_rounds_are_planned_from_the_rounds_before_them(tmp_path):
+    """Round r sees the base cells and rounds < r only, so a resumed sweep plans the same LRs."""
+    config = quick(sweeps_mlp_moe)
+    config.quick = False  # prepared already: keep the changes below
+    config.sweep.update(extend_edges=2, extend_by=1, parameterizations=("mssp",))
+    config.sweep.multipliers.enabled = False
+    config.sweep.lr_grids.adam = (0.1, 0.2)
+    cells = [c for c in sweep.plan(config) if c.kind == "lr"]
+    def write(folder, lrs):  # loss 1 - lr: the optimum sits on the high end at every round
+        for c in cells:
+            sweep.write_atomic(sweep.cell_path(str(folder), c), _record(c, {x: 1 - x for x in lrs}))
+
+    write(tmp_path, (0.1, 0.2))
+    for round_, lr in ((1, 0.4), (2, 0.8)):
+        assert [x[2] for x in sweep.edge_work(config, str(tmp_path), round_)] == [[lr]] * 2
+        write(tmp_path / f"edge-{round_}", (lr,))
+    assert [x[2] for x in sweep.edge_work(config, str(tmp_path), 1)] == [[0.4]] * 2  # as before
+    work = [path for path, _, _ in sweep.all_work(config, str(tmp_path))]
+    assert len(work) == 6 and all(map(os.path.exists, work))  # round 3 exceeds extend_edges
+    fam = summary.summarize(sweep.finished(config, str(tmp_path)))["adam"]["mssp"]
+    assert fam["lrs"] == [0.1, 0.2, 0.4, 0.8] and fam["opt_lr"] == [0.8, 0.8]
+    assert fam["opt_at_grid_edge"] == [True, True]
+
+
+def test_a_sweep_trains_its_edge_rounds_then_resumes_with_nothing_to_do(tmp_path):
+    config = quick(sweeps_mlp_moe)
+    config.quick = False  # prepared already: keep the changes below
+    config.sweep.update(extend_edges=1, extend_by=1, parameterizations=("mssp",))
+    config.sweep.multipliers.enabled = False
+    config.sweep.lr_grids.adam = (1e-3, 1e30)  # 1e30 diverges: the optimum is the low end
+    status = sweep.run_sweep(config, str(tmp_path))
+    edge = ["edge-1/lr-II-adam-mssp-x1", "edge-1/lr-II-adam-mssp-x2"]
+    assert status["ran"] == ["lr-II-adam-mssp-x1", "lr-II-adam-mssp-x2", *edge]
+    record = sweep.load_cell(str(tmp_path / "edge-1"), sweep.Cell("lr", "II", "adam", "mssp", 2))
+    assert [r["lr"] for r in record["runs"]] == [pytest.approx(1e-36)]
+    fam = summary.summarize(sweep.finished(config, str(tmp_path)))["adam"]["mssp"]
+    assert fam["lrs"] == [pytest.approx(1e-36), 1e-3, 1e30] and fam["diverged"][1] == [0, 0, 1]
+    assert sweep.run_sweep(config, str(tmp_path))["skipped"][-2:] == edge
+
+
+def test_sweep_rejects_a_negative_number_of_edge_rounds():
+    c = quick(sweeps_mlp_moe)
+    c.sweep.extend_edges = -1
+    with pytest.raises(ConfigError, match=r"sweep.extend_edges must be an integer >= 0, got -1"):
+        sweep.validate(c)
