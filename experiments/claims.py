@@ -180,16 +180,21 @@ def transfer_table(sweeps: list[Sweep], param: str, drifts: bool) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         f = s.table[param]
-        moved = f["drift_steps"] > TRANSFER_STEPS
-        verdict = "agree" if moved == drifts else "disagree"
-        if not moved and any(f["opt_at_grid_edge"]):  # the drift seen is only a lower bound
-            verdict = ("inconclusive: optimum on the grid edge at every scale"
-                       if all(f["opt_at_grid_edge"]) else
-                       f"inconclusive: drift >= {f['drift_steps']}, optimum on the grid edge at "
-                       + ", ".join(f"x{x}" for x, e in zip(f["scales"], f["opt_at_grid_edge"])
-                                   if e))
-        lines.append(_row(s, _spacing(f), _lrs(f), _drift(f, s.cells[param]), verdict))
+        lines.append(_row(s, _spacing(f), _lrs(f), _drift(f, s.cells[param]),
+                          transfer_verdict(f, drifts)))
     return "\n".join(lines)
+
+
+def transfer_verdict(f: dict[str, Any], drifts: bool) -> str:
+    """Whether a family's optimum moved (more than TRANSFER_STEPS) as the paper says it does
+    (`drifts`) or does not; inconclusive when it did not move but sat on a grid end."""
+    moved = f["drift_steps"] > TRANSFER_STEPS
+    if moved or not any(f["opt_at_grid_edge"]):
+        return "agree" if moved == drifts else "disagree"
+    if all(f["opt_at_grid_edge"]):  # the drift seen is only a lower bound
+        return "inconclusive: optimum on the grid edge at every scale"
+    return (f"inconclusive: drift >= {f['drift_steps']}, optimum on the grid edge at "
+            + ", ".join(f"x{x}" for x, e in zip(f["scales"], f["opt_at_grid_edge"]) if e))
 
 
 def monotone_table(sweeps: list[Sweep]) -> str:
@@ -199,12 +204,16 @@ def monotone_table(sweeps: list[Sweep]) -> str:
              "| rises beyond noise | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         f = s.table["mssp"]
-        verdict = "agree" if f["monotone_best"] else (
-            "agree within noise" if reversals(f) == 0 else "disagree")
+        verdict = monotone_verdict(f)
         seeds = "-".join(str(n) for n in sorted({min(f["seeds"]), max(f["seeds"])}))
         lines.append(_row(s, _losses(f), seeds, str(f["monotone_best"]), str(reversals(f)),
                           verdict))
     return "\n".join(lines)
+
+
+def monotone_verdict(f: dict[str, Any]) -> str:
+    return "agree" if f["monotone_best"] else (
+        "agree within noise" if reversals(f) == 0 else "disagree")
 
 
 def gap(f: dict[str, Any], g: dict[str, Any], i: int) -> str:
@@ -215,6 +224,32 @@ def gap(f: dict[str, Any], g: dict[str, Any], i: int) -> str:
     return f"{100 * diff:+.1f}±{100 * noise:.1f}%"
 
 
+def mup_failures(s: Sweep) -> tuple[list[str], float, float]:
+    """(which of drift / monotone / delay muP fails, its half-time ratio, MSSP's)."""
+    f, g = s.table["mup"], s.table["mssp"]
+    d_mup, d_mssp = delay(s.cells["mup"], f), delay(s.cells["mssp"], g)
+    fails = [name for name, bad in (("drift", f["drift_steps"] > TRANSFER_STEPS),
+                                    ("monotone", not f["monotone_best"] and reversals(f) > 0),
+                                    ("delay", d_mup > 1.25 * d_mssp)) if bad]
+    return fails, d_mup, d_mssp
+
+
+def verdict_table(sweeps: list[Sweep]) -> str:
+    """All four verdicts of each sweep in one row, with the figure each rests on."""
+    lines = [HEAD + "(a) MSSP drift | (b) MSSP monotone | (c) muP fails | (d) SP drift |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in sweeps:
+        m, p = s.table["mssp"], s.table["sp"]
+        fails = mup_failures(s)[0]
+        short = lambda v: v.split(":")[0]  # noqa: E731
+        lines.append(_row(
+            s, f"{short(transfer_verdict(m, False))} ({m['drift_steps']})",
+            f"{monotone_verdict(m)} ({reversals(m)} rises)",
+            f"{'agree' if fails else 'disagree'} ({', '.join(fails) or 'none'})",
+            f"{short(transfer_verdict(p, True))} ({p['drift_steps']})"))
+    return "\n".join(lines)
+
+
 def mup_table(sweeps: list[Sweep]) -> str:
     """Claim (c): muP fails at least one of transfer, monotone gains, undelayed learning
     (half-time ratio largest/base scale above MSSP's by 25%). The loss gap to MSSP at the base
@@ -223,10 +258,7 @@ def mup_table(sweeps: list[Sweep]) -> str:
              "| muP vs MSSP loss, base -> largest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         f, g = s.table["mup"], s.table["mssp"]
-        d_mup, d_mssp = delay(s.cells["mup"], f), delay(s.cells["mssp"], g)
-        fails = [name for name, bad in (("drift", f["drift_steps"] > TRANSFER_STEPS),
-                                        ("monotone", not f["monotone_best"] and reversals(f) > 0),
-                                        ("delay", d_mup > 1.25 * d_mssp)) if bad]
+        fails, d_mup, d_mssp = mup_failures(s)
         lines.append(_row(s, _drift(f, s.cells["mup"]), str(f["monotone_best"]),
                           f"{d_mup:.2f} / {d_mssp:.2f}", ", ".join(fails) or "none",
                           "agree" if fails else "disagree", f"{gap(f, g, 0)} -> {gap(f, g, -1)}"))
@@ -284,6 +316,9 @@ def report(results: str, figures: str | None) -> str:
            + (f" (still running, not judged: {', '.join(running)})" if running else "") + "."
            f" Transfer = the seed-mean optimum moves at most {TRANSFER_STEPS} grid step;"
            " * = optimum on the grid edge.", "",
+           "**Verdicts** (agree / disagree with the paper; in brackets the figure behind each:"
+           " drift in grid steps, loss rises beyond noise, what muP fails)", "",
+           verdict_table(sweeps), "",
            "**(a) MSSP's optimal LR is stable**", "", transfer_table(sweeps, "mssp", False), "",
            "**(b) MSSP's loss improves monotonically with scale**", "", monotone_table(sweeps), "",
            "**(c) muP does not reliably transfer and improve**", "", mup_table(sweeps), "",

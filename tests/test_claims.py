@@ -62,12 +62,13 @@ def test_report_gives_each_claim_its_verdict(results):
     assert [s.name for s in sweeps] == ["II adam paper mnist1d"]
     assert sweeps[0].table["mup"]["drift_steps"] == 2
     text = claims.report(str(results), None).split("**")  # heading, table, heading, table...
-    assert [text[i][:3] for i in (1, 3, 5, 7)] == ["(a)", "(b)", "(c)", "(d)"]
+    assert [text[i][:3] for i in (1, 3, 5, 7, 9)] == ["Ver", "(a)", "(b)", "(c)", "(d)"]
     verdict = lambda i: column(text[i], "verdict")  # noqa: E731
-    assert verdict(2) == "agree"  # (a) MSSP drift 0
-    assert verdict(4) == "agree"  # (b) MSSP 0.1 -> 0.025
-    assert verdict(6) == "agree"  # (c) muP drifts by 2 grid steps
-    assert verdict(8) == "agree"  # (d) SP drifts by 3
+    assert verdict(4) == "agree"  # (a) MSSP drift 0
+    assert verdict(6) == "agree"  # (b) MSSP 0.1 -> 0.025
+    assert verdict(8) == "agree"  # (c) muP drifts by 2 grid steps
+    assert verdict(10) == "agree"  # (d) SP drifts by 3
+    assert last_row(text[2]).endswith("| agree (0) | agree (0 rises) | agree (drift) | agree (3) |")
 
 
 def test_a_routing_variant_is_its_own_sweep(results):
