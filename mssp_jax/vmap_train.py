@@ -114,6 +114,16 @@ def trainable(config: Any, seeds: Sequence[int]) -> Trainable:
                      role_labels(probe), config)
 
 
+def lr_chunk(n_lrs: int, n_seeds: int, max_runs: int) -> int:
+    """LRs per compiled program: as few programs as `max_runs` runs each (0: no bound) allows,
+    sized evenly, so the padding (the last LR repeated to keep one compiled shape) stays under one
+    LR per program: 2 LRs with room for 8 run as 2, not as 8."""
+    if not max_runs:
+        return n_lrs
+    programs = -(-n_lrs // max(max_runs // n_seeds, 1))
+    return -(-n_lrs // programs)
+
+
 def train_lrs(config: Any, lrs: Sequence[float], seeds: Sequence[int], data: dict[str, Batch],
               role_multipliers: Sequence[dict[str, dict[str, float]]] | None = None,
               max_runs: int = 0) -> SweepResult:
@@ -153,7 +163,7 @@ def train_lrs(config: Any, lrs: Sequence[float], seeds: Sequence[int], data: dic
 
     over_seeds = jax.vmap(one_run, in_axes=(None, None, 0))
     over_runs = compiler.jit(jax.vmap(over_seeds, in_axes=(0, 0, None)))
-    chunk = max(max_runs // len(seeds), 1) if max_runs else len(lrs)
+    chunk = lr_chunk(len(lrs), len(seeds), max_runs)
     pad = -len(lrs) % chunk  # repeat the last LR so every chunk has the compiled shape
     padded = jax.tree.map(lambda x: jnp.concatenate([x] + [x[-1:]] * pad), (lr_trees, init_trees))
     parts = [over_runs(*jax.tree.map(lambda x, i=i: x[i:i + chunk], padded), t.params)

@@ -277,3 +277,12 @@ def test_chunked_runs_equal_one_program():
     np.testing.assert_allclose(chunked.train_loss, whole.train_loss, rtol=1e-6)
     np.testing.assert_allclose(chunked.eval_loss, whole.eval_loss, rtol=1e-6)
     assert chunked.train_loss.shape == (3, 2, 3)
+
+
+@pytest.mark.parametrize("lrs, seeds, max_runs, chunk", [
+    (2, 4, 32, 2), (7, 4, 32, 7), (8, 4, 32, 8), (10, 4, 32, 5), (3, 2, 4, 2), (5, 1, 0, 5),
+    (3, 8, 4, 1)])
+def test_lr_chunks_are_even_and_pad_less_than_one_lr_each(lrs, seeds, max_runs, chunk):
+    from mssp_jax import vmap_train
+
+    assert vmap_train.lr_chunk(lrs, seeds, max_runs) == chunk
