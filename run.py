@@ -1,4 +1,5 @@
-"""mssp_jax command line: python run.py <mode> --config configs/<file>.py [--config.<field>=<value>].
+"""mssp_jax command line:
+python run.py <mode> --config configs/<file>.py [--config.<field>=<value>].
 
 Modes: train (the default: `python run.py` runs the main job), eval, describe, sweep, coord_check;
 `python run.py --help` lists them and the config files. Mistakes on the command line or in the

@@ -1,4 +1,5 @@
-"""Trace + compile time and peak memory of the Transformer-MoE against its depth, unrolled vs scanned.
+"""Trace + compile time and peak memory of the Transformer-MoE against its depth, unrolled vs
+scanned.
 
 Run: python benchmarks/depth_compile.py [--depths 2,4,8,16] [--remat full]
 
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {depth} | {name} | {point['compile_s']:.2f} | {point['step_s']:.2f} | "
                   f"{point['peak_rss_mb']:.0f} |", flush=True)
     low, high = depths[0], depths[-1]
-    print(f"\n| variant | depth {high} / depth {low}: compile | step | peak RSS |\n|---|---|---|---|")
+    print(f"\n| variant | depth {high} / depth {low}: compile | step | peak RSS |\n"
+          "|---|---|---|---|")
     for name, points in results.items():
         ratio = lambda key: points[high][key] / points[low][key]  # noqa: E731
         print(f"| {name} | {ratio('compile_s'):.2f} | {ratio('step_s'):.2f} | "

@@ -128,7 +128,8 @@ def moe_vs_dense(config: Any, steps: int, repeats: int, cases: dict[str, Thunk])
     t = interleaved_medians(cases, repeats)
     target = {"auto": "<= 1.10"}
     return [Row(f"MoE / dense-FFN train step, dispatch={name}", t[name] / t["ffn"],
-                target.get(name, "-"), f"{t[name] / steps * 1e3:.1f} / {t['ffn'] / steps * 1e3:.1f} ms")
+                target.get(name, "-"),
+                f"{t[name] / steps * 1e3:.1f} / {t['ffn'] / steps * 1e3:.1f} ms")
             for name in names]
 
 

@@ -61,7 +61,8 @@ def help_text(flag_names: tuple[str, ...]) -> str:
     lines += [f"  {mode:<13}{text}" for mode, text in MODES.items()]
     lines += ["", f"Config files (--config; default {DEFAULT_CONFIG}):"]
     lines += [f"  {name:<{width}}{doc}" for name, doc in files.items()]
-    lines += ["", "Every field of a config and its value (change one with --config.<field>=<value>):",
+    lines += ["",
+              "Every field of a config and its value (change one with --config.<field>=<value>):",
               "  python3 run.py describe --config configs/mlp_moe.py --fields", "", "Flags:"]
     for name in flag_names:
         flag = flags.FLAGS[name]
@@ -168,7 +169,8 @@ def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
     spec, paths = None, []
     for i, arg in enumerate(argv):
         if re.match(r"^--?config(=|$)", arg):
-            spec = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            spec = (arg.split("=", 1)[1] if "=" in arg
+                    else (argv[i + 1] if i + 1 < len(argv) else ""))
         elif m := re.match(r"^--?(?:no)?config\.([^=]+)", arg):
             paths.append(m.group(1))
     return spec, paths

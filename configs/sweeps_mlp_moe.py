@@ -13,7 +13,8 @@ import ml_collections
 from configs import common
 
 BASE = {"I": (32, 32, 4, 1), "II": (32, 8, 4, 1), "III": (32, 32, 4, 1)}
-LR_GRIDS = {"adam": tuple(2.0**e for e in range(-11, -3)), "sgd": tuple(2.0**e for e in range(-6, 2))}
+LR_GRIDS = {"adam": tuple(2.0**e for e in range(-11, -3)),
+            "sgd": tuple(2.0**e for e in range(-6, 2))}
 
 
 def sweep_fields(*, scales, parameterizations, optimizers, seeds, lr_grids):
@@ -67,7 +68,8 @@ def quick_overrides(regime: str) -> dict:
     return dict(
         base_shape=common.shape(8, 4 if regime == "II" else 8, 4, 1).to_dict(),
         steps=6, batch_size=4, eval_size=16, input_dim=8, dispatch="dense",
-        sweep=dict(scales=(1, 2), parameterizations=("sp", "mssp"), optimizers=("adam",), seeds=(0,),
+        sweep=dict(scales=(1, 2), parameterizations=("sp", "mssp"), optimizers=("adam",),
+                   seeds=(0,),
                    lr_grids={"adam": (1e-2, 1e30), "sgd": (1e-2, 1e30)}, early_steps=3,
                    multipliers=dict(factors=(4.0,), use=("lr_readout",))),
     )

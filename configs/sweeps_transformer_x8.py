@@ -23,7 +23,8 @@ ARGS = {"regime": ("III", "II"), "tune": ("none", "base")}
 # Knobs of the base tuning (tune=base): [kind, roles...], each set to x1/4 and x4, the others at 1
 BASE_KNOBS = {"lr_embedding": ("lr", "embedding"), "lr_norm": ("lr", "norm"),
               "lr_attention": ("lr", "attn_qkv", "attn_out"),
-              "lr_moe": ("lr", "router", "expert_up", "expert_down"), "lr_readout": ("lr", "readout"),
+              "lr_moe": ("lr", "router", "expert_up", "expert_down"),
+              "lr_readout": ("lr", "readout"),
               "init_hidden": ("init", "attn_qkv", "attn_out", "expert_up", "expert_down")}
 BASE = {"II": (16, 8, 4, 2), "III": (16, 8, 4, 2)}
 LR_GRID = tuple(10.0 ** (-3.5 + k / 2) for k in range(6))  # x sqrt(10), as the reference's grids

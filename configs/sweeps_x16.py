@@ -1,9 +1,10 @@
 """The paper's MLP-MoE LR-transfer protocol at the widest range 2 CPU cores allow (issue 11).
 
-Five widths spanning x16 (N = 32 -> 512; regime III four, x8: see SCALES), base M0 = 4, K = M/4 top-K routing (soft routing:
-routing=soft): regime I N_e = N, M = 4; II N_e = 16, M = N/8; III N_e = N, M = N/8. Online
-training (every sample seen once), one-hot MSE averaged over the 10 classes, exact GELU, zero
-readout in the muP family; 4 seeds; LR grids spaced as the reference's (SGD x2, Adam x sqrt(10)).
+Five widths spanning x16 (N = 32 -> 512; regime III four, x8: see SCALES), base M0 = 4, K = M/4
+top-K routing (soft routing: routing=soft): regime I N_e = N, M = 4; II N_e = 16, M = N/8; III
+N_e = N, M = N/8. Online training (every sample seen once), one-hot MSE averaged over the 10
+classes, exact GELU, zero readout in the muP family; 4 seeds; LR grids spaced as the reference's
+(SGD x2, Adam x sqrt(10)).
 Arguments (`configs/sweeps_x16.py:regime=III,optimizer=sgd,data=teacher,constants=ratio`):
 regime II | I | III; optimizer adam | sgd; data mnist1d (MNIST-1D, generated locally) | teacher
 (the synthetic teacher task); constants paper (the reference's constants without its tuned

@@ -30,7 +30,8 @@ def get_config(arg: str | None = None):
     # True: blocks stacked in groups of moe_every and applied by nnx.scan (compile time and memory
     # independent of depth; needs depth divisible by moe_every); same function as unrolled
     c.scan_layers = False
-    c.remat = "none"  # 'none' | 'full' | 'dots_saveable': recompute activations in the backward pass
+    # 'none' | 'full' | 'dots_saveable': recompute activations in the backward pass
+    c.remat = "none"
     c.aux_loss_weight = 0.01
     c.optimizer.b2 = 0.95
     c.optimizer.weight_decay = 0.1

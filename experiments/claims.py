@@ -255,7 +255,8 @@ def mup_table(sweeps: list[Sweep]) -> str:
     (half-time ratio largest/base scale above MSSP's by 25%). The loss gap to MSSP at the base
     and the largest scale is shown beside the verdict, not part of it."""
     lines = [HEAD + "muP drift (seeds) | muP monotone | delay muP / MSSP | muP fails | verdict "
-             "| muP vs MSSP loss, base -> largest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| muP vs MSSP loss, base -> largest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         f, g = s.table["mup"], s.table["mssp"]
         fails, d_mup, d_mssp = mup_failures(s)

@@ -1,5 +1,6 @@
 """Coordinate checks of our models from a config: every parameterization x scale x seed, the
-exponent table and the RCC figures (`python run.py coord_check --config configs/sweeps_coord_check*.py`).
+exponent table and the RCC figures
+(`python run.py coord_check --config configs/sweeps_coord_check*.py`).
 
 The observables come from the model's own layers (`mssp_jax.coord`); this driver builds the model,
 optimizer and data of each cell from the config, trains it over the seeds, fits the exponents per
@@ -53,7 +54,8 @@ def model_factory(config: Any, parameterization: str) -> Callable[[float, int], 
 
 
 def validate(config: Any) -> None:
-    """The `coord` block and every cell's config, before any compute (ConfigError names the field)."""
+    """The `coord` block and every cell's config, before any compute (ConfigError names the
+    field)."""
     c = config.coord
     for field, minimum in (("scales", 1), ("seeds", 0), ("record_steps", 0)):
         values = list(c[field])
@@ -62,7 +64,8 @@ def validate(config: Any) -> None:
             raise ConfigError(f"coord.{field} must be a non-empty list of integers >= {minimum}, "
                               f"got {values!r}")
     if len(c.scales) < 2:
-        raise ConfigError(f"coord.scales needs at least 2 scales to fit exponents, got {list(c.scales)}")
+        raise ConfigError("coord.scales needs at least 2 scales to fit exponents, "
+                          f"got {list(c.scales)}")
     for param in c.parameterizations:
         for scale in c.scales:
             factory.validate(sweep.cell_config(config, sweep.Cell(

@@ -164,7 +164,8 @@ def grid_ratio(lrs: Sequence[float]) -> float:
     """The constant ratio of a geometric LR grid (raises ConfigError for any other grid)."""
     ratios = np.asarray(lrs[1:]) / np.asarray(lrs[:-1])
     if len(lrs) < 2 or not np.allclose(ratios, ratios[0], rtol=1e-6) or ratios[0] <= 1:
-        raise ConfigError(f"sweep.extend_edges needs increasing geometric LR grids, got {list(lrs)}")
+        raise ConfigError("sweep.extend_edges needs increasing geometric LR grids, "
+                          f"got {list(lrs)}")
     return float(ratios[0])
 
 

@@ -54,7 +54,8 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         if out.meta["seed"] != seed:
             raise ValueError(f"checkpoint step {step} in {self.manager.directory} was written with "
-                             f"seed {out.meta['seed']}, the config has seed {seed}; use a new workdir")
+                             f"seed {out.meta['seed']}, the config has seed {seed}; "
+                             "use a new workdir")
         return Restored(out.state, out.meta["step"], out.meta["data_position"])
 
     def close(self) -> None:

@@ -141,13 +141,15 @@ def _kernel_terms(apply: Callable, w0: jax.Array, wt: jax.Array, x0: jax.Array,
                   xt: jax.Array) -> dict[str, jax.Array]:
     """Activation, effective and propagating update of one linear map W applied to input x."""
     terms = {"activation": rms(apply(wt, xt)), "effective_update": rms(apply(wt - w0, xt))}
-    if jnp.issubdtype(xt.dtype, jnp.floating):  # integer inputs (token ids) are data: they never move
+    # integer inputs (token ids) are data: they never move
+    if jnp.issubdtype(xt.dtype, jnp.floating):
         terms["propagating_update"] = rms(apply(w0, xt - x0))
     return terms
 
 
 def _first_float(value: Any) -> jax.Array | None:
-    leaves = [x for x in jax.tree.leaves(value) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    leaves = [x for x in jax.tree.leaves(value)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
     return leaves[0] if leaves else None
 
 
@@ -261,7 +263,8 @@ def observables(graphdef: nnx.GraphDef, rest: Any, p0: Any, pt: Any, grads: Any,
 ModelAndOptimizer = tuple[nnx.Module, optax.GradientTransformation]
 
 
-def measure(make: Callable[[int], ModelAndOptimizer], loss: Callable[[nnx.Module, Batch], jax.Array],
+def measure(make: Callable[[int], ModelAndOptimizer],
+            loss: Callable[[nnx.Module, Batch], jax.Array],
             batches: Batch, probe: Batch, record_steps: Sequence[int], seeds: Sequence[int],
             outputs: bool = True) -> dict[int, dict[str, np.ndarray]]:
     """Trains ``make(seed)``'s model with its optimizer on `batches` (leaves [steps, ...], one batch

@@ -255,8 +255,10 @@ class Batches:
             raise ConfigError(f"batch_size ({global_batch}) must be divisible by the number of "
                               f"processes ({self.process_count})")
         if examples.num < 1:
-            raise ConfigError("data: the split has no examples (for text: fewer bytes than seq_len)")
-        self.examples, self.global_batch, self.seed, self.shuffle = examples, global_batch, seed, shuffle
+            raise ConfigError("data: the split has no examples "
+                              "(for text: fewer bytes than seq_len)")
+        self.examples, self.global_batch = examples, global_batch
+        self.seed, self.shuffle = seed, shuffle
         self.position = position
         self._perms: dict[int, np.ndarray] = {}
 
@@ -298,8 +300,8 @@ def validate(config: Any) -> None:
     features = info.features
     if config.model == "transformer_moe":
         if "text" not in features:
-            raise ConfigError(f"data.name: transformer_moe needs a text dataset (a 'text' feature); "
-                              f"{d.name!r} has {list(features)}")
+            raise ConfigError("data.name: transformer_moe needs a text dataset "
+                              f"(a 'text' feature); {d.name!r} has {list(features)}")
         if config.vocab_size != 256:
             raise ConfigError(f"vocab_size must be 256 (byte-level text), got {config.vocab_size}")
         if config.seq_len < 1 or d.max_bytes < config.seq_len + 1:
@@ -320,4 +322,5 @@ def validate(config: Any) -> None:
         raise ConfigError(f"num_classes (model outputs) must be {outputs} for {d.name!r} with "
                           f"data.task={d.task!r}, got {config.num_classes}")
     if d.task == "binary" and config.loss != "mse":
-        raise ConfigError(f"loss must be 'mse' for data.task='binary' (+-1 targets), got {config.loss!r}")
+        raise ConfigError("loss must be 'mse' for data.task='binary' (+-1 targets), "
+                          f"got {config.loss!r}")

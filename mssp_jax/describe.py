@@ -37,7 +37,8 @@ def describe(model: Any, scaling: Scaling, base_lr: float | None = None,
             "axes": list(axes) if axes else None,
             "fan_in": fan,
             "init": init if init in ("zero", "one") else
-            ("shared_normal" if scaling.shared_expert_init and axes and "expert" in axes else "normal"),
+            ("shared_normal" if scaling.shared_expert_init and axes and "expert" in axes
+             else "normal"),
             "init_std": scaling.init_std(role, fan),
             "multiplier": scaling.multiplier(role),
             "lr_scale": scaling.lr_scale(role),
@@ -53,13 +54,15 @@ def describe(model: Any, scaling: Scaling, base_lr: float | None = None,
 def format_table(rows: list[dict[str, Any]], scaling: Scaling) -> str:
     """A readable table of `describe` rows, headed by the resolved setting."""
     s, b = scaling.shape, scaling.base
-    head = (f"parameterization={scaling.name} regime={scaling.regime} optimizer={scaling.optimizer} "
+    head = (f"parameterization={scaling.name} regime={scaling.regime} "
+            f"optimizer={scaling.optimizer} "
             f"depth={scaling.depth} gate_scale={scaling.gate_scale:.6g}\n"
             f"shape N={s.N} Ne={s.Ne} M={s.M} K={s.K} L={s.L}   "
             f"base N={b.N} Ne={b.Ne} M={b.M} K={b.K} L={b.L}")
     cols = ("path", "role", "shape", "init", "init_std", "multiplier", "lr_scale", "eps_scale")
     cols += tuple(c for c in ("lr", "eps") if rows and c in rows[0])
-    cells = [[str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.6g}" for c in cols] for r in rows]
+    cells = [[str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.6g}" for c in cols]
+             for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, cells)])

@@ -55,7 +55,8 @@ def task_loss(outputs: jax.Array, targets: jax.Array, kind: str,
               mse_reduction: str = "sum") -> jax.Array:
     """'mse' against one-hot targets (scalar +-1 targets when outputs have one column) or
     'cross_entropy'. The one-hot MSE sums the squared errors over classes ('sum') or averages
-    them ('mean', PyTorch's mse_loss as the reference uses: the loss and SGD gradients 1/C as large).
+    them ('mean', PyTorch's mse_loss as the reference uses: the loss and SGD gradients 1/C as
+    large).
     """
     if kind == "cross_entropy":
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, targets))
@@ -72,7 +73,8 @@ def task_loss(outputs: jax.Array, targets: jax.Array, kind: str,
 
 
 def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Fraction classified correctly: the largest output, or for one output (+-1 targets) its sign."""
+    """Fraction classified correctly: the largest output, or for one output (+-1 targets) its
+    sign."""
     if outputs.shape[-1] == 1:
         return jnp.mean(jnp.sign(outputs[..., 0]) == targets)
     return jnp.mean(jnp.argmax(outputs, -1) == targets)

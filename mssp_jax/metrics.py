@@ -90,7 +90,8 @@ class Writer:
         if "steps_per_s" in record:
             eta = (self.total_steps - step) / record["steps_per_s"]
             unit = "tokens" if "tokens_per_s" in record else "examples"
-            line += (f"  {record['steps_per_s']:.1f} steps/s  {record[unit + '_per_s']:.0f} {unit}/s"
+            line += (f"  {record['steps_per_s']:.1f} steps/s"
+                     f"  {record[unit + '_per_s']:.0f} {unit}/s"
                      f"  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         self._line(line, keep=False)
 
@@ -114,7 +115,8 @@ class Throughput:
     """Steps/s and items/s (tokens or examples) since the last `rates` call, not counting time
     spent in `pause()` (evaluations, checkpoints), so an ETA from them excludes the pauses."""
 
-    def __init__(self, items_per_step: int, unit: str, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, items_per_step: int, unit: str,
+                 clock: Callable[[], float] = time.perf_counter):
         self.items_per_step, self.unit, self.clock = items_per_step, unit, clock
         self._mark: tuple[float, int] | None = None
         self._paused = 0.0

@@ -6,12 +6,12 @@
 Both return ``(output, routings)``: a list with one `moe.Routing` per MoE layer or, from a scanned
 Transformer, one Routing stacked over its layers (`losses.stack_layers` reads either).
 
-Mixed precision (``compute_dtype``): parameters (and so the optimizer state) stay float32, the master
-copies; the matmuls of the hidden layers take their inputs and weights in the compute dtype. Kept
-in float32: the router (its logits decide the top-K by small differences, and feed a sigmoid and
-the load-balancing softmax), the norms (a mean of squares and a division), the attention softmax,
-RoPE (angles up to seq_len radians lose their phase in 8 mantissa bits), the output logits and the
-loss (exp / normalisation over the vocabulary). The residual stream is float32: each block's
+Mixed precision (``compute_dtype``): parameters (and so the optimizer state) stay float32, the
+master copies; the matmuls of the hidden layers take their inputs and weights in the compute dtype.
+Kept in float32: the router (its logits decide the top-K by small differences, and feed a sigmoid
+and the load-balancing softmax), the norms (a mean of squares and a division), the attention
+softmax, RoPE (angles up to seq_len radians lose their phase in 8 mantissa bits), the output logits
+and the loss (exp / normalisation over the vocabulary). The residual stream is float32: each block's
 bfloat16 output is added to it in float32.
 """
 
@@ -48,7 +48,8 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...] = ACTIVATION_AXES) -> j
     rules = spmd.get_logical_axis_rules()
     if not rules or jax.sharding.get_abstract_mesh().empty:
         return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spmd.from_sharding_rules(axes, rules)))
+    return jax.lax.with_sharding_constraint(
+        x, PartitionSpec(*spmd.from_sharding_rules(axes, rules)))
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -270,7 +271,8 @@ class TransformerMoE(nnx.Module):
         if scan_layers and s.L % moe_every:
             raise ConfigError(f"scan_layers needs shape.depth ({s.L}) divisible by moe_every "
                               f"({moe_every}): it scans over identical groups of moe_every blocks")
-        self.embed = labelled_param(rngs, scaling, "embedding", (vocab_size, s.N), ("vocab", "embed"))
+        self.embed = labelled_param(rngs, scaling, "embedding", (vocab_size, s.N),
+                                    ("vocab", "embed"))
         self.embed_mult = scaling.multiplier("embedding")
         block = functools.partial(Block, scaling, head_dim, ffn_width=ffn_width or 4 * s.N,
                                   renormalize=renormalize, dispatch=dispatch,

@@ -52,7 +52,8 @@ LOAD_BALANCE = {
 }
 
 
-def load_balance_loss(logits: jax.Array, idx: jax.Array, weights: jax.Array, kind: str) -> jax.Array:
+def load_balance_loss(logits: jax.Array, idx: jax.Array, weights: jax.Array,
+                      kind: str) -> jax.Array:
     """The `kind` load-balancing loss of one layer (1 when perfectly balanced, for 'switch')."""
     num_tokens, num_experts = logits.shape
     counts = jnp.zeros((num_experts,), logits.dtype).at[idx.reshape(-1)].add(1.0)
@@ -79,7 +80,8 @@ def route(logits: jax.Array, k: int, gate_scale: float, renormalize: bool = Fals
         idx = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, k))
         selected = logits
     else:
-        rotation = (jnp.arange(num_experts)[None, :] - jnp.arange(num_tokens)[:, None]) % num_experts
+        rotation = ((jnp.arange(num_experts)[None, :] - jnp.arange(num_tokens)[:, None])
+                    % num_experts)
         _, idx = jax.lax.top_k(jax.lax.stop_gradient(logits) - TIE_BREAK * rotation, k)
         selected = jnp.take_along_axis(logits, idx, axis=-1)
     weights = jax.nn.sigmoid(selected) * gate_scale
@@ -157,7 +159,8 @@ class MoE(nnx.Module):
         agg = lambda e, w: coord.rms(jnp.einsum("tme,men,tm->tn", e, w, gates))  # noqa: E731
         stats = router_metrics([routing])
         return {"router/logit_rms": coord.rms(routing.logits),
-                "router/gate_entropy": stats["router_entropy"], "router/max_gate": stats["max_gate"],
+                "router/gate_entropy": stats["router_entropy"],
+                "router/max_gate": stats["max_gate"],
                 "router/load_max": stats["load_max"], "router/load_min": stats["load_min"],
                 "h_agg/total": coord.rms(rt["output"]), "h_agg/base": agg(e0, w0),
                 "h_agg/propagating": agg(de, w0), "h_agg/effective": agg(e0, dw),

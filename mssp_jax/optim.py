@@ -77,7 +77,8 @@ def _decay(weight_decay: float, decay_all: bool, params: Any) -> optax.GradientT
         return optax.add_decayed_weights(weight_decay)
     state = param_state(params)
     labelled = any(map(is_variable, jax.tree.leaves(state, is_leaf=is_variable)))
-    return optax.add_decayed_weights(weight_decay, mask=decay_mask(state) if labelled else decay_mask)
+    return optax.add_decayed_weights(weight_decay,
+                                     mask=decay_mask(state) if labelled else decay_mask)
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
@@ -106,7 +107,8 @@ def sgd(learning_rate: optax.ScalarOrSchedule, scaling: Scaling, params: Any, *,
 
 def make_optimizer(scaling: Scaling, params: Any, learning_rate: optax.ScalarOrSchedule, *,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum: float = 0.0,
-                   weight_decay: float = 0.0, decay_all: bool = False) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0,
+                   decay_all: bool = False) -> optax.GradientTransformation:
     """`adamw` or `sgd`, as `scaling.optimizer` says (the LR and eps rules depend on it)."""
     if scaling.optimizer == "adam":
         return adamw(learning_rate, scaling, params, b1=b1, b2=b2, eps=eps,

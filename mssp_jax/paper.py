@@ -35,7 +35,8 @@ class Reference:
     optimizer: str  # 'sgd' | 'adam'
     regime: str
     const: dict[str, dict[str, str]]  # role -> {'lr' | 'eps': monomial at the base shape}
-    rules: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # role rule overrides
+    # role rule overrides
+    rules: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 # ---- MLP-MoE (scaling_configs.py) -----------------------------------------------------------
@@ -47,7 +48,8 @@ _MLP_ROLES = ("input", "router", "expert_up", "expert_down", "readout")
 
 def _const(lr: dict[str, str], eps: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
     eps = eps or {}
-    return {role: {"lr": lr.get(role, "1"), "eps": eps.get(role, "1")} for role in set(lr) | set(eps)}
+    return {role: {"lr": lr.get(role, "1"), "eps": eps.get(role, "1")}
+            for role in set(lr) | set(eps)}
 
 
 def _adam(eps: dict[str, str] | None = None) -> dict[str, dict[str, str]]:

@@ -5,7 +5,8 @@ Every rule is a monomial string (see `mssp_jax.scaling.parse_monomial`):
     layer axes) or the words ``zero`` / ``one``;
   * ``mult``, ``sgd_lr``, ``adam_lr``, ``adam_eps`` use ratios to the base shape
     ``rN, rNe, rM, rK, rL``, so they are 1 at the base shape and base-tuned constants transfer.
-A value may be a dict keyed by regime (``"I"``, ``"II"``, ``"III"``) when the rule differs by regime.
+A value may be a dict keyed by regime (``"I"``, ``"II"``, ``"III"``) when the rule differs by
+regime.
 A table may omit an optimizer's keys (``jiang`` has no SGD rule); using it then is an error.
 
 Constants on top of the exponents (all default 1, so these presets are 1 at the base shape):
@@ -101,7 +102,8 @@ MSSP = _derive(
     MUP, "Maximally Scale-Stable Parameterization (muP for MoE + one init change per regime)",
     roles={
         "router": {"std": {"I": "zero", "II": "fan_in^-0.5", "III": "fan_in^-0.5"}},
-        "expert_down": {"std": {"I": "fan_in^-0.5", "II": "fan_in^-0.5*M^0.5", "III": "fan_in^-0.5"}},
+        "expert_down": {"std": {"I": "fan_in^-0.5", "II": "fan_in^-0.5*M^0.5",
+                                "III": "fan_in^-0.5"}},
     },
     shared_expert_init={"I": False, "II": False, "III": True},
 )
@@ -144,7 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Depth scaling: the branch multiplier goes on BRANCH_OUTPUT_ROLES; LR/eps factors on BLOCK_ROLES.
 # Measured (docs/RESULTS.md "Depth", Adam, L 2 -> 16): completep transfers (optimal LR drift 0) and
-# improves with depth; depth_mup improves too but its Adam LR L^-1/2 drifts the optimum 2 grid steps.
+# improves with depth; depth_mup improves too but its Adam LR L^-1/2 drifts the optimum 2 grid
+# steps.
 DEPTH_RULES: dict[str, dict[str, str]] = {
     "none": {"branch_mult": "1", "sgd_lr": "1", "adam_lr": "1", "adam_eps": "1"},
     "depth_mup": {"branch_mult": "rL^-0.5", "sgd_lr": "1", "adam_lr": "rL^-0.5", "adam_eps": "1"},

@@ -77,7 +77,8 @@ def parse_monomial(text: str, allowed: tuple[str, ...], field: str = "rule") -> 
         elif atom in allowed:
             exps[atom] = exps.get(atom, Fraction(0)) + sign * exp
         else:
-            raise ConfigError(f"{field}: unknown symbol {atom!r} in {text!r}; allowed: {list(allowed)}")
+            raise ConfigError(f"{field}: unknown symbol {atom!r} in {text!r}; "
+                              f"allowed: {list(allowed)}")
         pos = m.end()
     return Monomial(coef, tuple(sorted((s, e) for s, e in exps.items() if e)))
 
@@ -115,12 +116,15 @@ def infer_regime(base: Shape, shape: Shape) -> str | None:
 def check_regime(regime: str, base: Shape, shape: Shape) -> None:
     """Raises if `shape` is not reachable from `base` inside `regime`."""
     if regime not in presets.REGIMES:
-        raise ConfigError(f"regime must be one of {list(presets.REGIMES)} (or 'auto'), got {regime!r}")
+        raise ConfigError(f"regime must be one of {list(presets.REGIMES)} (or 'auto'), "
+                          f"got {regime!r}")
     if Fraction(shape.K, shape.M) != Fraction(base.K, base.M):
-        raise ConfigError(f"regime {regime} keeps the sparsity K/M fixed: base K/M = {base.K}/{base.M}, "
-                          f"shape K/M = {shape.K}/{shape.M}; set top_k = {base.K} * M / {base.M}")
+        raise ConfigError(f"regime {regime} keeps the sparsity K/M fixed: "
+                          f"base K/M = {base.K}/{base.M}, shape K/M = {shape.K}/{shape.M}; "
+                          f"set top_k = {base.K} * M / {base.M}")
     if regime == "I" and shape.M != base.M:
-        raise ConfigError(f"regime I keeps num_experts fixed: base M = {base.M}, shape M = {shape.M}")
+        raise ConfigError(f"regime I keeps num_experts fixed: base M = {base.M}, "
+                          f"shape M = {shape.M}")
     if regime == "II" and shape.Ne != base.Ne:
         raise ConfigError(f"regime II keeps expert_width fixed: base N_e = {base.Ne}, "
                           f"shape N_e = {shape.Ne}")
@@ -142,10 +146,12 @@ def _by_regime(value: Any) -> list[tuple[str, Any]]:
 def _validate_constants(value: Any, field: str, numeric: bool) -> None:
     """`const` values are monomials over CONST_SYMBOLS (at the base); `tuned` values are numbers."""
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{field} must be a mapping with keys among {list(presets.CONSTANT_FIELDS)}")
+        raise ConfigError(f"{field} must be a mapping with keys among "
+                          f"{list(presets.CONSTANT_FIELDS)}")
     for key, entry in value.items():
         if key not in presets.CONSTANT_FIELDS:
-            raise ConfigError(f"{field}: unknown key {key!r}; allowed: {list(presets.CONSTANT_FIELDS)}")
+            raise ConfigError(f"{field}: unknown key {key!r}; "
+                              f"allowed: {list(presets.CONSTANT_FIELDS)}")
         for regime, text in _by_regime(entry):
             where = f"{field}.{key}" + ("" if regime == "*" else f".{regime}")
             if numeric:
@@ -159,10 +165,12 @@ def validate_table(table: Mapping[str, Any], name: str = "parameterization") -> 
     """Checks a user table before it is used: known roles, keys and symbols only."""
     roles = table.get("roles")
     if not isinstance(roles, Mapping) or not roles:
-        raise ConfigError(f"{name}: needs a non-empty 'roles' mapping; roles are {list(presets.ROLES)}")
+        raise ConfigError(f"{name}: needs a non-empty 'roles' mapping; "
+                          f"roles are {list(presets.ROLES)}")
     for role, rules in roles.items():
         if role not in presets.ROLES:
-            raise ConfigError(f"{name}.roles: unknown role {role!r}; allowed: {list(presets.ROLES)}")
+            raise ConfigError(f"{name}.roles: unknown role {role!r}; "
+                              f"allowed: {list(presets.ROLES)}")
         for key, value in rules.items():
             if key in presets.CONSTANT_KEYS:
                 _validate_constants(value, f"{name}.roles.{role}.{key}", numeric=key == "tuned")
@@ -174,7 +182,8 @@ def validate_table(table: Mapping[str, Any], name: str = "parameterization") -> 
                 field = f"{name}.roles.{role}.{key}" + ("" if regime == "*" else f".{regime}")
                 if key == "std" and text in SPECIAL_INITS:
                     continue
-                parse_monomial(str(text), ABSOLUTE_SYMBOLS if key == "std" else RATIO_SYMBOLS, field)
+                parse_monomial(str(text), ABSOLUTE_SYMBOLS if key == "std" else RATIO_SYMBOLS,
+                               field)
     for regime, text in _by_regime(table.get("gate_const", 1)):
         parse_monomial(str(text), CONST_SYMBOLS, f"{name}.gate_const")
     depth = table.get("depth", "none")
@@ -198,7 +207,8 @@ class Scaling:
     @property
     def ratios(self) -> dict[str, float]:
         b, s = self.base, self.shape
-        return {"rN": s.N / b.N, "rNe": s.Ne / b.Ne, "rM": s.M / b.M, "rK": s.K / b.K, "rL": s.L / b.L}
+        return {"rN": s.N / b.N, "rNe": s.Ne / b.Ne, "rM": s.M / b.M, "rK": s.K / b.K,
+                "rL": s.L / b.L}
 
     def _rule(self, role: str, key: str, default: str | None = None) -> str:
         roles = self.table["roles"]
@@ -209,8 +219,8 @@ class Scaling:
             if default is not None:
                 return default
             allowed = [o for o in presets.OPTIMIZERS if f"{o}_lr" in roles[role]]
-            raise ConfigError(f"parameterization {self.name!r} defines no {key!r} for role {role!r}; "
-                              f"optimizer must be one of {allowed}")
+            raise ConfigError(f"parameterization {self.name!r} defines no {key!r} "
+                              f"for role {role!r}; optimizer must be one of {allowed}")
         return str(_lookup(roles[role], key, self.regime, f"{self.name}.roles.{role}.{key}"))
 
     def _ratio_rule(self, role: str, key: str, default: str | None = None) -> Monomial:
@@ -322,18 +332,20 @@ def make_scaling(parameterization: str | Mapping[str, Any], base: Shape, shape: 
     if regime == "auto":
         inferred = infer_regime(base, shape)
         if inferred is None:
-            raise ConfigError("regime is 'auto' but the shape equals the base shape, so it cannot be "
-                              f"inferred; set regime to one of {list(presets.REGIMES)}")
+            raise ConfigError("regime is 'auto' but the shape equals the base shape, so it "
+                              f"cannot be inferred; set regime to one of {list(presets.REGIMES)}")
         regime = inferred
     check_regime(regime, base, shape)
     depth = depth or table.get("depth", "none")
     if depth not in presets.DEPTH_RULES:
-        raise ConfigError(f"depth_scaling must be one of {list(presets.DEPTH_RULES)}, got {depth!r}")
+        raise ConfigError(f"depth_scaling must be one of {list(presets.DEPTH_RULES)}, "
+                          f"got {depth!r}")
     scaling = Scaling(name, table, base, shape, regime, optimizer, depth, input_dim)
     for role in table["roles"]:  # fail now, not mid-model, on a bad rule or constant
         scaling.lr_scale(role)
         scaling.eps_scale(role)
         scaling.multiplier(role)
     if not scaling.gate_scale > 0:
-        raise ConfigError(f"{name}.gate_const must be positive, got gate scale {scaling.gate_scale}")
+        raise ConfigError(f"{name}.gate_const must be positive, "
+                          f"got gate scale {scaling.gate_scale}")
     return scaling

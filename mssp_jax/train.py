@@ -79,7 +79,8 @@ def validate(config: Any) -> Scaling:
             raise ConfigError(f"{field} must be an integer >= 0 (0 = off / full pass), "
                               f"got {config[field]!r}")
     if not isinstance(config.keep_checkpoints, int) or config.keep_checkpoints < 1:
-        raise ConfigError(f"keep_checkpoints must be a positive integer, got {config.keep_checkpoints!r}")
+        raise ConfigError("keep_checkpoints must be a positive integer, "
+                          f"got {config.keep_checkpoints!r}")
     data.validate(config)
     return scaling
 

@@ -139,8 +139,10 @@ def train_lrs(config: Any, lrs: Sequence[float], seeds: Sequence[int], data: dic
     t = trainable(config, seeds)
     mults = role_multipliers or [{}] * len(lrs)
     if len(mults) != len(lrs):
-        raise ValueError(f"role_multipliers has {len(mults)} entries; one per lr ({len(lrs)}) needed")
-    stack = lambda trees: jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *trees)  # noqa: E731
+        raise ValueError(f"role_multipliers has {len(mults)} entries; "
+                         f"one per lr ({len(lrs)}) needed")
+    stack = lambda trees: jax.tree.map(  # noqa: E731
+        lambda *xs: jnp.asarray(xs, jnp.float32), *trees)
     lr_trees = stack([jax.tree.map(lambda f, lr=lr: lr * f, role_factors(t.labels, m.get("lr")))
                       for lr, m in zip(lrs, mults)])
     init_trees = stack([role_factors(t.labels, m.get("init")) for m in mults])

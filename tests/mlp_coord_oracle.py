@@ -48,7 +48,8 @@ def _get(p: Any, path: tuple[str, str]) -> jax.Array:
 
 def observables(p0: Any, pt: Any, grads: Any, x: jax.Array, scaling: Any, top_k: int,
                 renormalize: bool) -> dict[str, jax.Array]:
-    """Every observable (a scalar) at one step (p0: initial params, pt: current params, grads at pt)."""
+    """Every observable (a scalar) at one step (p0: initial params, pt: current params, grads at
+    pt)."""
     f0 = forward_terms(p0, x, scaling, top_k, renormalize)
     ft = forward_terms(pt, x, scaling, top_k, renormalize)
     obs = {}
@@ -61,7 +62,8 @@ def observables(p0: Any, pt: Any, grads: Any, x: jax.Array, scaling: Any, top_k:
         obs[f"{role}/weight_change"] = rms(wt - w0)
     routing = ft["routing"]
     metrics = losses.router_metrics([routing])
-    obs.update({"router/logit_rms": rms(ft["logits"]), "router/gate_entropy": metrics["router_entropy"],
+    obs.update({"router/logit_rms": rms(ft["logits"]),
+                "router/gate_entropy": metrics["router_entropy"],
                 "router/max_gate": metrics["max_gate"], "router/load_max": metrics["load_max"],
                 "router/load_min": metrics["load_min"]})
     g, e0, de = ft["gates"], f0["e"], ft["e"] - f0["e"]

@@ -40,7 +40,8 @@ def last_row(section: str) -> str:
 
 def column(section: str, name: str) -> str:
     """The last row's entry under the header `name`."""
-    header = [c.strip() for c in next(r for r in section.splitlines() if r.startswith("|")).split("|")]
+    header = [c.strip()
+              for c in next(r for r in section.splitlines() if r.startswith("|")).split("|")]
     return last_row(section).split("|")[header.index(name)].strip()
 
 

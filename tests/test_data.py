@@ -105,7 +105,8 @@ def test_order_is_seeded_and_each_epoch_is_a_permutation():
 
 def test_process_shards_partition_the_global_batch():
     whole = data.Batches(toy_examples(), 6, 3, process_index=0, process_count=1)
-    shards = [data.Batches(toy_examples(), 6, 3, process_index=p, process_count=3) for p in range(3)]
+    shards = [data.Batches(toy_examples(), 6, 3, process_index=p, process_count=3)
+              for p in range(3)]
     for _ in range(4):
         np.testing.assert_array_equal(next(whole)["inputs"],
                                       np.concatenate([next(s)["inputs"] for s in shards]))

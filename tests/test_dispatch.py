@@ -1,4 +1,5 @@
-"""Every dispatch computes the dense function (outputs and gradients); capacity drops the overflow."""
+"""Every dispatch computes the dense function (outputs and gradients); capacity drops the
+overflow."""
 
 import functools
 import re

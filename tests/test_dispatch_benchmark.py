@@ -18,7 +18,8 @@ ROWS = [  # every ratio the issue asks for (quick mode measures dispatch=auto on
 
 def test_quick_benchmark_writes_every_row(tmp_path, capsys):
     out = tmp_path / "BENCHMARKS.md"
-    out.write_text("# kept prose\n\n<!-- benchmarks:begin -->\nold table\n<!-- benchmarks:end -->\ntail\n")
+    out.write_text("# kept prose\n\n<!-- benchmarks:begin -->\nold table\n"
+                   "<!-- benchmarks:end -->\ntail\n")
     assert run.main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# kept prose") and text.endswith("tail\n") and "old table" not in text

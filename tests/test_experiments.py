@@ -163,7 +163,8 @@ def test_quick_transformer_coord_check_measures_every_block(tmp_path):
     assert pooled == pytest.approx(np.sqrt(np.mean(np.square(layers))), rel=1e-6)
     top, last_block = (np.asarray(step[k]["per_seed"]) for k in ("residual/top", "blocks/1/output"))
     np.testing.assert_allclose(top, last_block, rtol=1e-6)  # the stream leaves the last block
-    assert os.path.getsize(tmp_path / "figures" / "coord_rcc_transformer_II_aggregation.png") > 10_000
+    assert os.path.getsize(
+        tmp_path / "figures" / "coord_rcc_transformer_II_aggregation.png") > 10_000
 
 
 def test_lm_task_windows_are_next_byte_pairs_each_used_once():
@@ -254,7 +255,8 @@ def test_extension_folders_widen_the_grid_of_their_sweep(tmp_path):
     assert summary.summarize(records)["adam"]["mssp"]["opt_lr"] == [0.4, 0.4]
 
 
-@pytest.mark.parametrize("grow, width, depth", [("width", 64, 2), ("depth", 32, 8), ("both", 64, 4)])
+@pytest.mark.parametrize("grow, width, depth",
+                         [("width", 64, 2), ("depth", 32, 8), ("both", 64, 4)])
 def test_a_cell_grows_width_depth_or_both_and_names_its_depth_rule(grow, width, depth):
     c = sweeps_depth.get_config("grow=depth")
     c.sweep.grow = grow
@@ -270,7 +272,8 @@ def test_a_cell_grows_width_depth_or_both_and_names_its_depth_rule(grow, width, 
 def test_sweep_rejects_an_unknown_growth_axis():
     c = sweeps_depth.get_config("grow=both")
     c.sweep.grow = "height"
-    with pytest.raises(ConfigError, match=r"sweep.grow must be one of \['width', 'depth', 'both'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"sweep.grow must be one of \['width', 'depth', 'both'\]"):
         sweep.validate(c)
 
 

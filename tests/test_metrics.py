@@ -27,7 +27,8 @@ def test_throughput_excludes_pauses_and_the_eta_follows(tmp_path, capsys):
     writer.progress(11, record)
     writer.close()
     # 100 steps left at 1.25 steps/s: 80 s, the pauses not extrapolated
-    assert capsys.readouterr().out == "step 11/111  loss 2.0000  1.2 steps/s  40 tokens/s  ETA 1:20\n"
+    assert capsys.readouterr().out == ("step 11/111  loss 2.0000  1.2 steps/s  40 tokens/s"
+                                       "  ETA 1:20\n")
 
 
 def test_a_resumed_writer_drops_the_steps_the_restart_repeats(tmp_path):
@@ -35,7 +36,8 @@ def test_a_resumed_writer_drops_the_steps_the_restart_repeats(tmp_path):
     for step in range(1, 7):
         first.write("train", step, {"loss": 10.0 - step})
     first.write("eval", 4, {"loss": 7.5})
-    first.close()  # killed after step 6, in the middle of a line; the latest checkpoint holds step 4
+    # killed after step 6, in the middle of a line; the latest checkpoint holds step 4
+    first.close()
     with open(tmp_path / metrics.METRICS_FILE, "a") as jsonl:
         jsonl.write('{"kind": "train", "step": 7, "lo')
     resumed = metrics.Writer(tmp_path, 10, resume_from=4, enabled=True)

@@ -93,5 +93,6 @@ def test_per_leaf_lr_and_eps_do_not_depend_on_the_dtype():
 
 
 def test_unknown_compute_dtype_names_the_field_and_the_choices():
-    with pytest.raises(ConfigError, match=r"compute_dtype must be one of \['float32', 'bfloat16'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"compute_dtype must be one of \['float32', 'bfloat16'\]"):
         factory.validate(config("float16"))

@@ -64,7 +64,8 @@ def test_coordinate_check_at_init(preset, regime):
     per_seed = [[init_observables(preset, regime, k, seed) for k in scales] for seed in seeds]
     obs = [{key: np.mean([run[i][key] for run in per_seed]) for key in per_seed[0][i]}
            for i in range(len(scales))]
-    slopes = {key: slope(scales, [o[key] for o in obs]) for key in ("h", "expert_hidden", "h_agg_base")}
+    slopes = {key: slope(scales, [o[key] for o in obs])
+              for key in ("h", "expert_hidden", "h_agg_base")}
     assert abs(slopes["h"]) <= 0.1 and abs(slopes["expert_hidden"]) <= 0.1, slopes
     if regime in ("II", "III"):
         # muP: sum of K = K0 * k independent O(1) expert outputs times the 1/K gate -> k^-1/2

@@ -67,7 +67,8 @@ def test_preempted_processes_agree_resume_and_train_like_one(tmp_path):
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)  # one process only: both must stop at the same step
     outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [train.INTERRUPTED] * 2, outputs[0][-3000:] + outputs[1][-3000:]
+    assert [p.returncode for p in procs] == [train.INTERRUPTED] * 2, (
+        outputs[0][-3000:] + outputs[1][-3000:])
     last_lines = [out.strip().splitlines()[-1] for out in outputs]
     assert all(line.startswith("stopped by SIGTERM") for line in last_lines), last_lines
     stops = {int(line.split(" at step ")[1].split(":")[0]) for line in last_lines}
@@ -78,13 +79,15 @@ def test_preempted_processes_agree_resume_and_train_like_one(tmp_path):
     steps = stop + 3
     procs = start_two(multi, data_dir, steps)
     resumed = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [train.DONE] * 2, resumed[0][-3000:] + resumed[1][-3000:]
+    assert [p.returncode for p in procs] == [train.DONE] * 2, (
+        resumed[0][-3000:] + resumed[1][-3000:])
     assert all(f"resumed from step {stop} " in out for out in resumed)
-    assert "final eval loss" in resumed[0] and "final eval loss" not in resumed[1]  # process 0 reports
+    # process 0 reports
+    assert "final eval loss" in resumed[0] and "final eval loss" not in resumed[1]
 
     single = tmp_path / "one_process"
-    out = subprocess.run([sys.executable, "run.py", "train", "--config", "configs/mlp_moe.py", *FLAGS,
-                          f"--config.steps={steps}", f"--config.data.data_dir={data_dir}",
+    out = subprocess.run([sys.executable, "run.py", "train", "--config", "configs/mlp_moe.py",
+                          *FLAGS, f"--config.steps={steps}", f"--config.data.data_dir={data_dir}",
                           "--workdir", str(single)],
                          cwd=ROOT, env=env(4), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

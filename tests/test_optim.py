@@ -35,7 +35,8 @@ def grads_of(model, x, y):
 
 def flat(tree):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(tree) if hasattr(tree, "flat_state") else tree)[0]}
+            jax.tree_util.tree_flatten_with_path(
+                nnx.to_pure_dict(tree) if hasattr(tree, "flat_state") else tree)[0]}
 
 
 def param_arrays(model):
@@ -62,7 +63,8 @@ def test_adamw_step_equals_hand_written_per_group_update():
         adam = m_hat / (np.sqrt(v_hat) + eps * scaling.eps_scale(role))
         decay = wd * p if p.ndim >= 2 else 0.0
         expected = p - lr * (scaling.lr_scale(role) * adam + decay)  # decay lr*wd for every group
-        np.testing.assert_allclose(after[key], expected, rtol=2e-5, atol=1e-7, err_msg=f"{key} ({role})")
+        np.testing.assert_allclose(after[key], expected, rtol=2e-5, atol=1e-7,
+                                   err_msg=f"{key} ({role})")
     # the test is only meaningful if the groups really differ
     assert len({scaling.lr_scale(str(r)) for r in roles.values()}) > 1
     assert len({scaling.eps_scale(str(r)) for r in roles.values()}) > 1
@@ -118,7 +120,8 @@ def test_pure_dict_params_with_label_tree():
 def test_unlabelled_parameter_is_an_error():
     scaling, model, _, _ = setup("adam")
     model.extra = nnx.Param(jnp.zeros((3,)))
-    with pytest.raises(ValueError, match=r"(?s)without a known role label.*\[.extra.\] \(role=None\)"):
+    with pytest.raises(ValueError,
+                       match=r"(?s)without a known role label.*\[.extra.\] \(role=None\)"):
         optim.adamw(1e-2, scaling, model)
 
 

@@ -63,7 +63,8 @@ def test_paper_forms_carry_the_regime_changes_of_mssp():
     assert mssp_i["reference"] == "fixed_E_mup_adam" and mssp_i["roles"]["router"]["std"] == "zero"
     assert paper.table("mup", "I", "adam")["roles"]["router"]["std"] != "zero"
     mssp_iii = paper.table("mssp", "III", "sgd")
-    assert mssp_iii["shared_expert_init"] and not paper.table("mup", "III", "sgd")["shared_expert_init"]
+    assert (mssp_iii["shared_expert_init"]
+            and not paper.table("mup", "III", "sgd")["shared_expert_init"])
     assert paper.table("mssp", "II", "adam", "transformer_moe")["reference"] == "MupBottleneck"
     # an SGD reference config has no Adam rule: using it with Adam is a clear error
     sgd_table = paper.table("mup", "II", "sgd")
@@ -142,7 +143,8 @@ def test_aux_loss_summed_or_averaged_over_layers():
     assert float(total) == pytest.approx(float(m["task_loss"]) + 0.01 * sum(per_layer), rel=1e-6)
     c.aux_loss_layers = "mean"
     total, m = losses.loss_fn(model, batch, c)
-    assert float(total) == pytest.approx(float(m["task_loss"]) + 0.01 * np.mean(per_layer), rel=1e-6)
+    assert float(total) == pytest.approx(float(m["task_loss"]) + 0.01 * np.mean(per_layer),
+                                         rel=1e-6)
 
 
 def test_mse_mean_over_classes_is_the_sum_over_classes_divided():
@@ -183,7 +185,8 @@ def test_decay_all_decays_norm_gains_too(decay_all):
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     roles = set()
-    for u, p, role in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(labels)):
+    for u, p, role in zip(jax.tree.leaves(updates), jax.tree.leaves(params),
+                          jax.tree.leaves(labels)):
         decayed = decay_all or p.ndim >= 2  # lr * wd for every group, whatever its LR factor
         np.testing.assert_allclose(u, -0.1 * 0.5 * np.asarray(p) * decayed, rtol=1e-6, atol=1e-12)
         roles.add((role, decayed))

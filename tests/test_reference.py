@@ -96,7 +96,8 @@ def mlp_tuned_row(dumped: dict | None, routing: str, shared: bool) -> dict | Non
 
 def mlp_scaling(case: dict, table: dict):
     regime = REGIME[case["regime"]]
-    base = Shape(128, 16 if regime == "II" else 128, 8, 8)  # N_BASE, N_EXPERT_BASE(_BOTTLENECK), M_BASE
+    # N_BASE, N_EXPERT_BASE(_BOTTLENECK), M_BASE
+    base = Shape(128, 16 if regime == "II" else 128, 8, 8)
     shape = Shape(case["N"], case["N_expert"], case["M"], case["M"])
     return make_scaling(table, base, shape, regime=regime,
                         optimizer=paper.MLP_REFERENCE[case["config"]].optimizer,
@@ -132,7 +133,8 @@ def test_mlp_paper_form_equals_reference_on_every_case():
             mine, at = ours[path], f"{where} {p['name']}"
             tally.same(mine["shape"], p["shape"], f"{at} shape")
             tally.same(mine["init"], init_kind(p), f"{at} init")
-            tally.equal(mine["init_std"], 0.0 if p["zero_init"] else p["init_std_formula"], f"{at} std")
+            tally.equal(mine["init_std"], 0.0 if p["zero_init"] else p["init_std_formula"],
+                        f"{at} std")
             tally.equal(mine["lr_scale"], p["lr_scale"], f"{at} lr")
             tally.equal(mine["eps_scale"], p["adam_eps_scale"], f"{at} eps")
             tally.equal(mine["multiplier"], p["forward_mult"], f"{at} forward mult")
@@ -190,7 +192,8 @@ def test_transformer_paper_form_equals_reference_on_every_case():
             if kind == "native":  # the family's data as transcribed in mssp_jax.paper
                 n = g["n_embd"]
                 tally.equal(native.learning_rate, case["train_hparams"]["learning_rate"], where)
-                tally.same(native.widths[n], (g["n_exp"], g["top_k"], case["expert_hidden_dim"]), where)
+                tally.same(native.widths[n], (g["n_exp"], g["top_k"], case["expert_hidden_dim"]),
+                           where)
                 tally.same((native.n_layer, native.stride, native.soft, native.micro_batch[n]),
                            (g["n_layer"], g["stride"], g["top_k"] == g["n_exp"],
                             case["train_hparams"]["batch_size"]), where)
@@ -210,7 +213,8 @@ def test_transformer_paper_form_equals_reference_on_every_case():
                 covered.update(paths)
                 for path in paths:
                     mine = ours[path]
-                    tally.same(mine["shape"], our_shape(p["name"], p["shape"], len(paths), mine["role"]),
+                    tally.same(mine["shape"],
+                               our_shape(p["name"], p["shape"], len(paths), mine["role"]),
                                f"{at} shape")
                     tally.same(mine["init"], init_kind(p), f"{at} init")
                     tally.equal(mine["lr_scale"], p["lr_scale"], f"{at} lr")
@@ -223,14 +227,16 @@ def test_transformer_paper_form_equals_reference_on_every_case():
                     # as the reference's wd / lr_scale groups
                     tally.equal(p["weight_decay_scale"] * p["lr_scale"], 1.0, f"{at} decay")
                     if p["init_std"] > 0 and not p["ones_init"]:
-                        numel = math.prod(p["shape"][1:] if p.get("experts_identical") else p["shape"])
+                        numel = math.prod(p["shape"][1:] if p.get("experts_identical")
+                                          else p["shape"])
                         tally.equal(mine["init_std"], p["init_std"], f"{at} std",
                                     rel=5 / math.sqrt(2 * numel))
                     tally.params += 1
             assert covered == set(ours), f"{where}: ours only {sorted(set(ours) - covered)}"
             tally.cases += 1
     assert tally.cases == 36
-    print(f"Transformer: {tally.cases} cases, {tally.params} parameters, {tally.fields} fields equal")
+    print(f"Transformer: {tally.cases} cases, {tally.params} parameters, "
+          f"{tally.fields} fields equal")
 
 
 def test_mlp_sampled_init_matches_reference_measured_std():

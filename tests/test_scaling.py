@@ -58,23 +58,28 @@ def test_every_leaf_matches_spec(preset, regime, optimizer):
                 np.testing.assert_allclose(row["init_std"],
                                            spec.std(preset, regime, role, shape, row["fan_in"]),
                                            rtol=1e-6, err_msg=where)
-                np.testing.assert_allclose(row["lr_scale"], spec.lr(preset, optimizer, role, ratios),
+                np.testing.assert_allclose(row["lr_scale"],
+                                           spec.lr(preset, optimizer, role, ratios),
                                            rtol=1e-6, err_msg=where)
-                np.testing.assert_allclose(row["eps_scale"], spec.eps(preset, optimizer, role, ratios),
+                np.testing.assert_allclose(row["eps_scale"],
+                                           spec.eps(preset, optimizer, role, ratios),
                                            rtol=1e-6, err_msg=where)
                 assert row["multiplier"] == 1.0, where
                 shared = row["init"] == "shared_normal"
-                assert shared == (spec.shared_experts(preset, regime) and role.startswith("expert_")), where
+                assert shared == (spec.shared_experts(preset, regime)
+                                  and role.startswith("expert_")), where
 
 
 def test_lr_and_eps_are_one_at_base_shape():
     for preset, regime, optimizer in cases():
         s = make_scaling(preset, BASE[regime], BASE[regime], regime=regime, optimizer=optimizer)
         for role in presets.ROLES:
-            assert s.lr_scale(role) == 1.0 and s.eps_scale(role) == 1.0 and s.multiplier(role) == 1.0
+            assert (s.lr_scale(role) == 1.0 and s.eps_scale(role) == 1.0
+                    and s.multiplier(role) == 1.0)
 
 
-@pytest.mark.parametrize("preset,regime", [("mup", "II"), ("mssp", "II"), ("mssp", "III"), ("sp", "I")])
+@pytest.mark.parametrize("preset,regime",
+                         [("mup", "II"), ("mssp", "II"), ("mssp", "III"), ("sp", "I")])
 def test_sampled_init_std_matches_rule(preset, regime):
     shape = scaled(regime, 2)
     scaling = make_scaling(preset, BASE[regime], shape, regime=regime, optimizer="adam")
@@ -178,5 +183,6 @@ def test_zero_router_ties_do_not_all_go_to_expert_zero():
     assert not np.any(np.asarray(model.moe.router[...]))
     _, (routing,) = model(jax.random.normal(jax.random.key(0), (64, 48)))
     load = np.asarray(routing.load)
-    np.testing.assert_allclose(load, np.full_like(load, 1 / load.size))  # exact ties: rotated evenly
+    # exact ties: rotated evenly
+    np.testing.assert_allclose(load, np.full_like(load, 1 / load.size))
     assert jnp.allclose(routing.weights, 0.5 * s.gate_scale)  # sigmoid(0) x gate scale

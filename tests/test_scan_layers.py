@@ -84,7 +84,8 @@ def test_scanned_model_equals_the_unrolled_model(moe_every, remat):
     np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
     for name, value in want_metrics.items():
         np.testing.assert_allclose(got_metrics[name], value, rtol=RTOL, err_msg=name)
-    np.testing.assert_allclose(want_metrics["aux_loss_sum"], 4 / moe_every * want_metrics["aux_loss"],
+    np.testing.assert_allclose(want_metrics["aux_loss_sum"],
+                               4 / moe_every * want_metrics["aux_loss"],
                                rtol=RTOL)  # every MoE layer's routing reached the metrics
     for path, grad in stacked_from(want_grads, got_grads, moe_every).items():
         np.testing.assert_allclose(got_grads[path], grad, rtol=RTOL, atol=ATOL, err_msg=str(path))

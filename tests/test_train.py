@@ -97,7 +97,8 @@ def train_command(workdir, data_dir, *flags):
 def interrupt_after(cmd, workdir, step, sig):
     """Starts `cmd`, sends `sig` once the JSONL has a train record at `step` or later; returns
     (exit status, stdout, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     jsonl = Path(workdir) / metrics.METRICS_FILE
 
     def logged():  # complete lines only: the run is writing the file
@@ -114,7 +115,8 @@ def interrupt_after(cmd, workdir, step, sig):
 def stopped_step(out, sig):
     """The step in the run's last line 'stopped by SIG... at step <n>: checkpoint saved in ...'."""
     last = out.strip().splitlines()[-1]
-    assert last.startswith(f"stopped by {sig.name} at step ") and "run the same command" in last, out
+    assert (last.startswith(f"stopped by {sig.name} at step ")
+            and "run the same command" in last), out
     return int(last.split(" at step ")[1].split(":")[0])
 
 
