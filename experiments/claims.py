@@ -47,8 +47,14 @@ class Sweep:
 
     @property
     def complete(self) -> bool:
-        """Every parameterization has reached the same scales (a running sweep has not)."""
-        return len({tuple(f["scales"]) for f in self.table.values()}) == 1
+        """Every parameterization has reached the same scales and has run one LR grid at all of
+        them (a running sweep, or one whose grid-widening round is under way, has not: a drift
+        measured across unequal grids can overstate the true one)."""
+        def grids(cells: list[dict[str, Any]]) -> set[tuple[float, ...]]:
+            return {tuple(sorted({r["lr"] for r in c["runs"]})) for c in cells}
+
+        return (len({tuple(f["scales"]) for f in self.table.values()}) == 1
+                and all(len(grids(c)) == 1 for c in self.cells.values()))
 
     @property
     def name(self) -> str:

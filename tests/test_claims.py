@@ -123,6 +123,18 @@ def test_update_replaces_only_the_named_block(tmp_path):
     assert doc.read_text() == "no marks"
 
 
+def test_a_sweep_whose_edge_round_is_under_way_is_not_judged(results):
+    edge = results / "II-adam-paper-mnist1d" / "edge-1" / "cells"
+    edge.mkdir(parents=True)
+    widened = cell("sp", 1, [0, 0])
+    widened["runs"] = [dict(r, lr=100.0) for r in widened["runs"] if r["lr"] == LRS[-1]]
+    (edge / "lr-II-adam-sp-x1.json").write_text(json.dumps(widened))  # x4 not widened yet
+    assert not claims.load(str(results))[0].complete
+    (edge / "lr-II-adam-sp-x4.json").write_text(json.dumps(dict(widened, cell=dict(
+        widened["cell"], scale=4))))
+    assert claims.load(str(results))[0].complete
+
+
 def test_a_running_sweep_is_named_but_not_judged(results):
     cells = results / "II-adam-paper-mnist1d" / "cells"
     (cells / "lr-II-adam-sp-x8.json").write_text(json.dumps(cell("sp", 8, [3, 3])))
