@@ -59,8 +59,9 @@ def get_config(arg: str | None = None):
         optimizers=(optimizer,), seeds=(0, 1, 2, 3), lr_grids=LR_GRIDS[a["constants"]])
     c.sweep.multipliers.enabled = False
     c.sweep.max_runs_per_program = 32  # LR x seed runs vmapped together (memory at N = 512)
-    # An optimum on a grid end widens that end by 2 steps, twice at most (SGD 16 -> 64 -> 256)
-    c.sweep.extend_edges = 2
+    # An optimum on a grid end widens that end by 2 steps, 4 times at most (SGD 16 -> 64 -> ...
+    # -> 4096): cheap, as only the families on an end (SP's) run, with 2 LRs each
+    c.sweep.extend_edges = 4
     c.quick_overrides = dict(
         steps=4, batch_size=4, eval_size=8,
         sweep=dict(scales=(1, 2), parameterizations=("mssp",), seeds=(0,), early_steps=2,
