@@ -173,8 +173,8 @@ def widened(records: list[dict[str, Any]], ratio: float, count: int) -> list[flo
     """The LRs one round adds to a family (its records over scales): `count` grid steps beyond
     each end of its grid (all its scales' LRs) where some scale's seed-mean optimum sits on that
     end; [] if none does."""
-    lrs, tables = summary.family_tables(records)
-    opt = {int(np.nanargmin(m)) for m in map(summary.seed_mean, tables) if not np.isnan(m).all()}
+    family = summary.family_summary(records)
+    lrs, opt = family["lrs"], set(family["opt_index"])
     return ([lrs[0] / ratio ** k for k in range(count, 0, -1)] * (0 in opt) +
             [lrs[-1] * ratio ** k for k in range(1, count + 1)] * (len(lrs) - 1 in opt))
 
